@@ -1,0 +1,18 @@
+"""Converters from public cross-domain release formats to RecBole atomic files."""
+
+from dataset_converters.llmcdsr_release import (
+    KNOWN_RELEASES,
+    ConversionError,
+    convert_llmcdsr_release,
+    fetch_release,
+)
+from dataset_converters.safe_pickle import SafePickleError, restricted_load_dict
+
+__all__ = [
+    "KNOWN_RELEASES",
+    "ConversionError",
+    "convert_llmcdsr_release",
+    "fetch_release",
+    "SafePickleError",
+    "restricted_load_dict",
+]

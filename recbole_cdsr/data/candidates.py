@@ -1,0 +1,193 @@
+"""Candidate sets of the sampled protocol: drawn once, saved next to the dataset, reused.
+
+For every evaluation instance (row of ``<dataset>.<split>.inter``), ``eval_neg_num``
+distinct negatives are drawn uniformly from the items of the target's own domain,
+excluding the target (and, with ``eval_exclude_history``, the user's history). The draw
+works on item tokens read straight from the atomic files, with its own seed
+(``eval_candidate_seed``), so it does not depend on the model, the run seed, the epoch or
+RecBole's internal id order: every model of a leaderboard ranks the same candidates.
+
+Files: ``<dataset>.<split>.cand-n<N>-seed<S>[-exhist].npz`` (``item_tokens``: all item
+tokens, sorted; ``neg``: int32 [instances, N] indices into ``item_tokens``; ``targets``,
+``users``) and a ``.json`` manifest (parameters, sha256 of the source files and of the
+npz), written last: a candidate file without a matching manifest is rebuilt.
+"""
+
+import io
+import json
+import logging
+import os
+
+import numpy as np
+import pandas as pd
+
+from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_file
+
+CANDIDATE_FORMAT_VERSION = 1
+
+logger = logging.getLogger(__name__)
+
+
+class CandidateError(ValueError):
+    pass
+
+
+def candidate_paths(dataset_dir, dataset_name, split, neg_num, seed, exclude_history):
+    tag = f"n{neg_num}-seed{seed}" + ("-exhist" if exclude_history else "")
+    base = os.path.join(dataset_dir, f"{dataset_name}.{split}.cand-{tag}")
+    return base + ".npz", base + ".json"
+
+
+def _read_items(path, item_field, domain_field):
+    df = pd.read_csv(path, delimiter="\t", dtype=str, engine="python", keep_default_na=False)
+    cols = {c.split(":")[0]: c for c in df.columns}
+    if item_field not in cols or domain_field not in cols:
+        raise CandidateError(f"{path}: needs columns {item_field}:token and {domain_field}:token")
+    return df[cols[item_field]].to_numpy(), df[cols[domain_field]].to_numpy()
+
+
+def _read_instances(path, uid_field, item_field, list_field):
+    df = pd.read_csv(path, delimiter="\t", dtype=str, engine="python", keep_default_na=False)
+    cols = {c.split(":")[0]: c for c in df.columns}
+    for f in (uid_field, item_field, list_field):
+        if f not in cols:
+            raise CandidateError(f"{path}: missing column {f}")
+    users = df[cols[uid_field]].to_numpy()
+    targets = df[cols[item_field]].to_numpy()
+    hists = [h.split() for h in df[cols[list_field]].to_numpy()]
+    return users, targets, hists
+
+
+def draw_candidates(item_tokens, item_domains, targets, hists, neg_num, seed, exclude_history):
+    """Pure function: indices into sorted ``item_tokens`` of the negatives of each instance."""
+    order = np.argsort(item_tokens, kind="stable")
+    tokens = np.asarray(item_tokens)[order]
+    domains = np.asarray(item_domains)[order]
+    index = {t: i for i, t in enumerate(tokens)}
+    pools = {d: np.nonzero(domains == d)[0] for d in sorted(set(domains.tolist()))}
+    rng = np.random.default_rng(seed)
+    neg = np.zeros((len(targets), neg_num), dtype=np.int32)
+    tgt_idx = np.zeros(len(targets), dtype=np.int64)
+    for r, (t, h) in enumerate(zip(targets, hists)):
+        if t not in index:
+            raise CandidateError(f"target item {t} (instance {r}) is not in the .item file")
+        ti = index[t]
+        tgt_idx[r] = ti
+        pool = pools[domains[ti]]
+        excl = {ti}
+        if exclude_history:
+            excl.update(index[x] for x in h if x in index and domains[index[x]] == domains[ti])
+        if len(pool) - len(excl) < neg_num:
+            raise CandidateError(
+                f"domain {domains[ti]} has only {len(pool) - len(excl)} items besides the "
+                f"target{' and history' if exclude_history else ''} (instance {r}); "
+                f"eval_neg_num={neg_num} is too large"
+            )
+        pos = rng.choice(len(pool), neg_num + len(excl), replace=False)
+        picked = pool[pos]
+        picked = picked[~np.isin(picked, list(excl))][:neg_num]
+        neg[r] = picked
+    return tokens, neg, tgt_idx
+
+
+class CandidateStore:
+    """Builds (once) and loads the candidate sets of a dataset's evaluation splits."""
+
+    def __init__(self, config, dataset):
+        self.dataset = dataset
+        self.dir = dataset.dataset_path
+        self.name = dataset.dataset_name
+        self.neg_num = config["eval_neg_num"]
+        self.seed = config["eval_candidate_seed"]
+        self.exclude_history = config["eval_exclude_history"]
+
+    def _sources(self, split):
+        return (
+            os.path.join(self.dir, f"{self.name}.item"),
+            os.path.join(self.dir, f"{self.name}.{split}.inter"),
+        )
+
+    def paths(self, split):
+        return candidate_paths(
+            self.dir, self.name, split, self.neg_num, self.seed, self.exclude_history
+        )
+
+    def _valid_manifest(self, split):
+        npz, man = self.paths(split)
+        if not (os.path.isfile(npz) and os.path.isfile(man)):
+            return False
+        try:
+            with open(man) as f:
+                m = json.load(f)
+        except (OSError, ValueError):
+            return False
+        item_path, inter_path = self._sources(split)
+        return (
+            m.get("format_version") == CANDIDATE_FORMAT_VERSION
+            and m.get("neg_num") == self.neg_num
+            and m.get("seed") == self.seed
+            and m.get("exclude_history") == self.exclude_history
+            and m.get("sources_sha256", {}).get(os.path.basename(item_path)) == sha256_file(item_path)
+            and m.get("sources_sha256", {}).get(os.path.basename(inter_path)) == sha256_file(inter_path)
+            and m.get("npz_sha256") == sha256_file(npz)
+        )
+
+    def build(self, split):
+        ds = self.dataset
+        item_path, inter_path = self._sources(split)
+        item_tokens, item_domains = _read_items(item_path, ds.iid_field, ds.domain_field)
+        users, targets, hists = _read_instances(
+            inter_path, ds.uid_field, ds.iid_field, ds.item_id_list_field
+        )
+        tokens, neg, tgt = draw_candidates(
+            item_tokens, item_domains, targets, hists, self.neg_num, self.seed, self.exclude_history
+        )
+        npz, man = self.paths(split)
+        buf = io.BytesIO()
+        np.savez_compressed(
+            buf, item_tokens=tokens.astype(str), neg=neg, targets=tgt, users=np.asarray(users).astype(str)
+        )
+        atomic_write_bytes(npz, buf.getvalue())
+        atomic_write_json(
+            man,
+            {
+                "format_version": CANDIDATE_FORMAT_VERSION,
+                "split": split,
+                "neg_num": self.neg_num,
+                "seed": self.seed,
+                "exclude_history": self.exclude_history,
+                "instances": int(len(targets)),
+                "method": "numpy default_rng(seed); per instance, in file order, "
+                "neg_num distinct items uniform from the target's domain (items sorted by "
+                "token), excluding the target" + (" and the history" if self.exclude_history else ""),
+                "sources_sha256": {
+                    os.path.basename(item_path): sha256_file(item_path),
+                    os.path.basename(inter_path): sha256_file(inter_path),
+                },
+                "npz_sha256": sha256_file(npz),
+            },
+        )
+        logger.info(f"drew candidate sets for {self.name}.{split}: {npz}")
+
+    def load(self, split, split_dataset):
+        """LongTensor [instances, neg_num] of internal item ids, rows aligned with
+        ``split_dataset``'s rows (checked through the user tokens)."""
+        import torch
+
+        if not self._valid_manifest(split):
+            self.build(split)
+        npz, _ = self.paths(split)
+        with np.load(npz, allow_pickle=False) as z:
+            tokens, neg, users = z["item_tokens"], z["neg"], z["users"]
+        ds = self.dataset
+        tok2id = ds.field2token_id[ds.iid_field]
+        missing = [t for t in tokens if t not in tok2id]
+        if missing:
+            raise CandidateError(f"candidate item {missing[0]} is unknown to the loaded dataset")
+        id_of = np.array([tok2id[t] for t in tokens], dtype=np.int64)
+        row_users = ds.field2id_token[ds.uid_field][split_dataset.inter_feat[ds.uid_field].numpy()]
+        if len(row_users) != len(users) or not np.array_equal(row_users.astype(str), users.astype(str)):
+            raise CandidateError(
+                f"{npz}: rows do not match {self.name}.{split}.inter (was the file changed?)"
+            )
+        return torch.from_numpy(id_of[neg])

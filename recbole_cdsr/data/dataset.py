@@ -1,0 +1,163 @@
+"""CDSRDataset: RecBole's SequentialDataset over the cross-domain atomic files.
+
+The files hold one row per sequence (``user_id``, ``item_id_list``, ``item_id``): for
+training users the whole chronological sequence (history, then last item), for
+valid/test users the release's evaluation instance. Two training views are built from
+those same rows when the dataset is built:
+
+``prefix``
+    one row per prefix of every training sequence (RecBole's own augmentation: predict
+    item t from items < t). What RecBole's built-in models train on.
+``sequence``
+    one row per training user (the whole sequence); models that train on every position
+    in one pass (the SASRec paper's way, LLMCDSR's backbone) read targets from
+    ``item_id_list[1:] + item_id``.
+
+Histories keep their last ``MAX_ITEM_LIST_LENGTH`` items (RecBole's ``seq_len`` would
+keep the first ones). Valid and test rows are exactly the files' rows, in file order.
+"""
+
+import warnings
+
+import numpy as np
+import torch
+
+from recbole.data.dataset import SequentialDataset
+from recbole.data.interaction import Interaction
+from recbole.utils import FeatureSource, FeatureType
+
+TRAIN_VIEWS = ("prefix", "sequence")
+
+# RecBole 1.2.1 uses pandas idioms that pandas 2.x flags as deprecated; they still work
+# with pandas<3 (pinned). Keep the log readable.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
+
+
+class CDSRDataError(ValueError):
+    """The atomic files do not describe a cross-domain sequential dataset."""
+
+
+class CDSRDataset(SequentialDataset):
+    def __init__(self, config, train_view="prefix"):
+        if train_view not in TRAIN_VIEWS:
+            raise CDSRDataError(f"train_view must be one of {TRAIN_VIEWS}, got {train_view!r}")
+        if config["benchmark_filename"] is None or len(config["benchmark_filename"]) != 3:
+            raise CDSRDataError(
+                "CDSR datasets are pre-split: benchmark_filename must be [train, valid, test]"
+            )
+        self.train_view = train_view
+        super().__init__(config)
+        self._init_domains()
+
+    # -- domains -----------------------------------------------------------------------
+    def _init_domains(self):
+        field = self.config["DOMAIN_FIELD"]
+        if self.item_feat is None or field not in self.item_feat:
+            raise CDSRDataError(
+                f"{self.dataset_path}: the .item file must carry a '{field}:token' column "
+                "(load_col: item must include it); convert the release with dataset_converters"
+            )
+        self.domain_field = field
+        tokens = self.field2id_token[field]
+        # Domains in token order (A, B, ...), excluding padding.
+        self.domain_names = sorted(t for t in tokens[1:])
+        code_of_token_id = np.full(len(tokens), -1, dtype=np.int64)
+        for tid, tok in enumerate(tokens):
+            if tid > 0:
+                code_of_token_id[tid] = self.domain_names.index(tok)
+        feat = self.item_feat
+        ids = np.asarray(feat[self.iid_field])
+        doms = np.nan_to_num(np.asarray(feat[field], dtype=np.float64)).astype(np.int64)
+        item_domain = np.full(self.item_num, -1, dtype=np.int64)
+        item_domain[ids] = code_of_token_id[doms]
+        if (item_domain[1:] < 0).any():
+            bad = int(np.nonzero(item_domain[1:] < 0)[0][0]) + 1
+            raise CDSRDataError(
+                f"{self.dataset_path}: item {self.field2id_token[self.iid_field][bad]} appears in "
+                "the interactions but has no domain in the .item file"
+            )
+        #: domain code (index into domain_names) of every internal item id; -1 for padding
+        self.item_domain = item_domain
+        #: internal item ids of each domain, ascending
+        self.domain_items = [np.nonzero(item_domain == d)[0] for d in range(len(self.domain_names))]
+
+    def domain_mask(self):
+        """Bool tensor [n_domains, item_num]: which items belong to each domain."""
+        m = torch.zeros(len(self.domain_names), self.item_num, dtype=torch.bool)
+        for d, items in enumerate(self.domain_items):
+            m[d, torch.as_tensor(items)] = True
+        return m
+
+    # -- views -------------------------------------------------------------------------
+    def _change_feat_format(self):
+        """Build the training view and fixed-width histories, then convert to Interaction."""
+        df = self.inter_feat
+        list_field = self.item_id_list_field
+        length_field = self.item_list_length_field
+        max_len = self.max_item_list_len
+        bounds = np.cumsum([0] + list(self.file_size_list))
+        parts, sizes = [], []
+        for i in range(3):
+            part = df.iloc[bounds[i] : bounds[i + 1]]
+            uid = part[self.uid_field].to_numpy(dtype=np.int64)
+            hist = list(part[list_field].values)
+            target = part[self.iid_field].to_numpy(dtype=np.int64)
+            if any(len(h) == 0 for h in hist):
+                split = self.benchmark_filename_list[i]
+                raise CDSRDataError(f"{split} file holds a row with an empty history")
+            if i == 0 and self.train_view == "prefix":
+                cols = _prefix_rows(uid, hist, target, max_len)
+            else:
+                cols = _last_rows(uid, hist, target, max_len)
+            parts.append(cols)
+            sizes.append(len(cols[0]))
+        uid, mat, length, target = (np.concatenate([p[j] for p in parts]) for j in range(4))
+        self.inter_feat = Interaction(
+            {
+                self.uid_field: torch.from_numpy(uid),
+                self.iid_field: torch.from_numpy(target),
+                list_field: torch.from_numpy(mat),
+                length_field: torch.from_numpy(length),
+            }
+        )
+        self.file_size_list = sizes
+        self.field2seqlen[list_field] = max_len
+        self.set_field_property(length_field, FeatureType.TOKEN, FeatureSource.INTERACTION, 1)
+        for feat_name in self.feat_name_list:
+            if feat_name == "inter_feat":
+                continue
+            feat = getattr(self, feat_name)
+            setattr(self, feat_name, self._dataframe_to_interaction(feat))
+
+    def split_names(self):
+        return list(self.benchmark_filename_list)
+
+
+def _last_rows(uid, hist, target, max_len):
+    n = len(uid)
+    mat = np.zeros((n, max_len), dtype=np.int64)
+    length = np.zeros(n, dtype=np.int64)
+    for r, h in enumerate(hist):
+        h = h[-max_len:]
+        mat[r, : len(h)] = h
+        length[r] = len(h)
+    return uid, mat, length, target
+
+
+def _prefix_rows(uid, hist, target, max_len):
+    """Every prefix of every sequence (history + target): predict item j from items < j."""
+    seqs = [np.append(np.asarray(h, dtype=np.int64), t) for h, t in zip(hist, target)]
+    lens = np.array([len(s) for s in seqs], dtype=np.int64)
+    flat = np.concatenate(seqs)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    n_rows = lens - 1
+    seq_start = np.repeat(starts, n_rows)
+    # Global position of each target: seq_start + 1, ..., seq_start + len - 1.
+    offset = np.arange(n_rows.sum()) - np.repeat(np.cumsum(n_rows) - n_rows, n_rows)
+    pos = seq_start + 1 + offset
+    hist_start = np.maximum(seq_start, pos - max_len)
+    length = pos - hist_start
+    cols = np.arange(max_len)
+    idx = np.minimum(hist_start[:, None] + cols, len(flat) - 1)
+    mat = np.where(cols < length[:, None], flat[idx], 0)
+    return np.repeat(uid, n_rows), mat, length, flat[pos]

@@ -1,0 +1,190 @@
+"""One-call runs, shaped like RecBole's ``run_recbole``.
+
+``run_recbole_cdsr(model, dataset, config_file_list, config_dict)`` converts the dataset if
+needed, trains with the model's trainer, evaluates under the CDSR protocol, and writes a
+results file (JSON: full config, seed, versions, device, per-domain valid/test metrics per
+protocol, model selection, epoch and evaluation times).
+"""
+
+import logging
+import os
+import platform
+import sys
+from logging import getLogger
+from time import time
+
+import torch
+
+from recbole.utils import init_logger, init_seed
+
+from recbole_cdsr.config import CDSRConfig
+from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset
+from recbole_cdsr.registry import get_trainer
+from recbole_cdsr.utils import (
+    atomic_write_json,
+    disable_anomaly_detection,
+    to_jsonable,
+    tune_cpu_allocator,
+)
+
+RESULTS_FORMAT_VERSION = 1
+
+
+def package_versions():
+    import numpy
+    import pandas
+    import recbole
+
+    import recbole_cdsr
+
+    out = {
+        "python": platform.python_version(),
+        "recbole_cdsr": recbole_cdsr.__version__,
+        "recbole": recbole.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "pandas": pandas.__version__,
+    }
+    for name in ("transformers", "sentence_transformers", "higher"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = getattr(mod, "__version__", "unknown")
+    return out
+
+
+def device_info(config):
+    dev = config["device"]
+    info = {"device": str(dev), "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+    if getattr(dev, "type", str(dev)) == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    return info
+
+
+def split_by_protocol(result, protocols):
+    """``{"sampled": {"A/hit@10": ...}, "full": {...}}`` from a flat result dict."""
+    if result is None:
+        return None
+    out = {p: {} for p in protocols}
+    for k, v in result.items():
+        if ":" in k:
+            p, rest = k.split(":", 1)
+            out[p][rest] = v
+        else:
+            out[protocols[0]][k] = v
+    return out
+
+
+def run_recbole_cdsr(
+    model=None,
+    dataset=None,
+    config_file_list=None,
+    config_dict=None,
+    cmd_args=None,
+    saved=True,
+    verbose=True,
+):
+    """Train and evaluate one model on one cross-domain dataset.
+
+    Returns:
+        dict: ``best_valid_score``, ``best_valid_result``, ``test_result`` (flat RecBole
+        style: ``A/hit@10``, ..., ``full:A/hit@10``), ``results`` (what the results file
+        holds) and ``results_file``.
+    """
+    t_start = time()
+    config = CDSRConfig(model, dataset, config_file_list, config_dict, cmd_args)
+    if config["cpu_allocator_tuning"] and getattr(config["device"], "type", "") == "cpu":
+        tune_cpu_allocator()
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    if not verbose:
+        logger.setLevel(logging.WARNING)
+    logger.info(config)
+
+    t0 = time()
+    ds = create_cdsr_dataset(config, config.model_class)
+    logger.info(ds)
+    train_data, valid_data, test_data = cdsr_data_preparation(config, ds)
+    data_seconds = time() - t0
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    net = config.model_class(config, train_data._dataset).to(config["device"])
+    disable_anomaly_detection()
+    logger.info(net)
+    trainer = get_trainer(config["model"])(config, net)
+
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"], verbose=verbose
+    )
+    t_test = time()
+    test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+    test_seconds = time() - t_test
+    logger.info(f"test result: {test_result}")
+
+    protocols = list(config["eval_protocol"])
+    results = {
+        "format_version": RESULTS_FORMAT_VERSION,
+        "model": config["model"],
+        "dataset": config["dataset"],
+        "seed": config["seed"],
+        "train_view": ds.train_view,
+        "protocols": protocols,
+        "candidates": {
+            "eval_neg_num": config["eval_neg_num"],
+            "eval_candidate_seed": config["eval_candidate_seed"],
+            "eval_exclude_history": config["eval_exclude_history"],
+        },
+        "selection": trainer.selection_summary(),
+        "valid": split_by_protocol(best_valid_result, protocols),
+        "test": split_by_protocol(test_result, protocols),
+        "instances": {
+            "valid": {n: int((valid_data.target_domain == d).sum()) for d, n in enumerate(ds.domain_names)},
+            "test": {n: int((test_data.target_domain == d).sum()) for d, n in enumerate(ds.domain_names)},
+        },
+        "num_parameters": int(sum(p.numel() for p in net.parameters())),
+        "timing": {
+            "data_seconds": data_seconds,
+            "train_epoch_seconds": trainer.train_epoch_times,
+            "valid_eval_seconds": trainer.eval_times,
+            "test_eval_seconds": test_seconds,
+            "total_seconds": time() - t_start,
+            "train_steps": trainer.steps_done,
+        },
+        "valid_history": trainer.eval_history,
+        "versions": package_versions(),
+        "device": device_info(config),
+        "config": to_jsonable(config.final_config_dict),
+    }
+    results_file = None
+    if saved:
+        name = f"{config['model']}-{config['dataset']}-seed{config['seed']}-{trainer.run_stamp}.json"
+        results_file = os.path.join(config["results_dir"], name)
+        atomic_write_json(results_file, results)
+        logger.info(f"results written to {results_file}")
+    return {
+        "best_valid_score": best_valid_score,
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+        "results": results,
+        "results_file": results_file,
+        "config": config,
+    }
+
+
+def format_results_table(results, metrics=("hit", "ndcg", "mrr"), topk=(1, 3, 5, 10)):
+    """Plain-text table of test metrics: one row per protocol and domain."""
+    test = results["test"] or {}
+    cols = [f"{m}@{k}" for m in metrics for k in topk]
+    lines = [f"{'protocol':<8} {'domain':<8} " + " ".join(f"{c:>8}" for c in cols)]
+    for p, res in test.items():
+        doms = []
+        for k in res:
+            d = k.split("/")[0]
+            if d not in doms:
+                doms.append(d)
+        for d in doms:
+            vals = [res.get(f"{d}/{c}") for c in cols]
+            lines.append(
+                f"{p:<8} {d:<8} " + " ".join(f"{v:>8.4f}" if v is not None else f"{'-':>8}" for v in vals)
+            )
+    return "\n".join(lines)

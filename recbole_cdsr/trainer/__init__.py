@@ -1,0 +1,1 @@
+from recbole_cdsr.trainer.trainer import CDSRTrainer

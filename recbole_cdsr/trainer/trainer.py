@@ -1,0 +1,256 @@
+"""CDSRTrainer: RecBole's Trainer with the CDSR protocol and per-domain model selection.
+
+Training is RecBole's usual loop (``calculate_loss`` per batch, the configured optimiser,
+``clip_grad_norm``, AMP) with an optional cap on batches per epoch (``steps_per_epoch``).
+Evaluation goes through :class:`~recbole_cdsr.evaluation.protocol.ProtocolEvaluator`.
+
+Model selection (``model_selection``):
+
+``per_domain`` (the LLMCDSR paper's way)
+    one early stopper per domain on ``<domain>/<valid_metric>``; each domain's test figures
+    come from that domain's best epoch (two checkpoints). Training stops when no domain has
+    improved for ``stopping_step`` evaluations. ``overall`` figures combine the instances
+    of each domain ranked by that domain's checkpoint.
+``joint``
+    one checkpoint, best on ``overall/<valid_metric>`` (or on a full key such as
+    ``B/ndcg@10``).
+
+Checkpoints hold only tensors and plain values (the config as JSON-able values), so they
+load with ``torch.load(weights_only=True)`` on any torch.
+"""
+
+import math
+import os
+from time import time
+
+import torch
+from torch.nn.utils.clip_grad import clip_grad_norm_
+
+from recbole.trainer import Trainer
+from recbole.utils import get_local_time, set_color
+
+from recbole_cdsr.evaluation.protocol import OVERALL, ProtocolEvaluator
+from recbole_cdsr.utils import to_jsonable
+
+
+class CDSRTrainer(Trainer):
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.selection = config["model_selection"]
+        self.steps_per_epoch = config["steps_per_epoch"]
+        self.raw_valid_metric = config["valid_metric"]
+        self.protocol = None
+        self.domain_names = None
+        self.best_states = {}  # selection key -> {"state", "epoch", "score", "ranks", "file"}
+        self.train_epoch_times = []
+        self.eval_times = []
+        self.eval_history = []  # [{"epoch", "result"}]
+        self.last_ranks = None
+        self.steps_done = 0
+        stamp = get_local_time()
+        self.run_stamp = stamp
+        self.checkpoint_prefix = os.path.join(
+            self.checkpoint_dir, f"{config['model']}-{config['dataset']}-{stamp}"
+        )
+
+    # -- setup -----------------------------------------------------------------------
+    def _setup(self, dataset):
+        if self.protocol is None:
+            self.domain_names = list(dataset.domain_names)
+            self.protocol = ProtocolEvaluator(self.config, dataset.domain_mask())
+
+    def selection_keys(self):
+        """``{selection name: result key}``: ``{"A": "A/hit@10", "B": "B/hit@10"}`` or
+        ``{"joint": "overall/hit@10"}``."""
+        vm = str(self.raw_valid_metric)
+        if "/" in vm:
+            head, metric = vm.rsplit("/", 1)
+            metric = metric.lower()
+        else:
+            head, metric = None, vm.lower()
+        if self.selection == "per_domain":
+            if head not in (None,) + tuple(self.domain_names) + (OVERALL,):
+                raise ValueError(f"valid_metric {vm!r}: unknown domain {head!r}")
+            return {d: f"{d}/{metric}" for d in self.domain_names}
+        return {"joint": f"{head}/{metric}" if head else f"{OVERALL}/{metric}"}
+
+    # -- training --------------------------------------------------------------------
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self.model.train()
+        loss_func = loss_func or self.model.calculate_loss
+        total_loss = None
+        n_batches = len(train_data)
+        if self.steps_per_epoch:
+            n_batches = min(n_batches, self.steps_per_epoch)
+        iter_data = train_data
+        if show_progress:
+            from tqdm import tqdm
+
+            iter_data = tqdm(
+                train_data, total=n_batches, ncols=100, desc=set_color(f"Train {epoch_idx:>5}", "pink")
+            )
+        scaler = torch.amp.GradScaler(enabled=self.enable_scaler)
+        for batch_idx, interaction in enumerate(iter_data):
+            if batch_idx >= n_batches:
+                break
+            interaction = interaction.to(self.device)
+            self.optimizer.zero_grad()
+            with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
+                losses = loss_func(interaction)
+            if isinstance(losses, tuple):
+                loss = sum(losses)
+                parts = tuple(x.item() for x in losses)
+                total_loss = parts if total_loss is None else tuple(map(sum, zip(total_loss, parts)))
+            else:
+                loss = losses
+                total_loss = loss.item() if total_loss is None else total_loss + loss.item()
+            self._check_nan(loss)
+            scaler.scale(loss).backward()
+            if self.clip_grad_norm:
+                clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
+            scaler.step(self.optimizer)
+            scaler.update()
+            self.steps_done += 1
+        if show_progress:
+            iter_data.close()
+        return total_loss
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self._setup(train_data.dataset)
+        if self.config["train_neg_sample_args"].get("dynamic", False):
+            train_data.get_model(self.model)
+        keys = self.selection_keys()
+        best = {k: -math.inf for k in keys}
+        stale = {k: 0 for k in keys}
+        evaluated = False
+        epoch_idx = self.start_epoch - 1
+        for epoch_idx in range(self.start_epoch, self.epochs):
+            t0 = time()
+            loss = self._train_epoch(train_data, epoch_idx, show_progress=show_progress)
+            t1 = time()
+            self.train_epoch_times.append(t1 - t0)
+            self.train_loss_dict[epoch_idx] = sum(loss) if isinstance(loss, tuple) else loss
+            if verbose:
+                self.logger.info(self._generate_train_loss_output(epoch_idx, t0, t1, loss))
+            if self.eval_step <= 0 or valid_data is None or (epoch_idx + 1) % self.eval_step:
+                continue
+            evaluated = True
+            v0 = time()
+            result = self.evaluate(valid_data, load_best_model=False, show_progress=show_progress)
+            self.eval_times.append(time() - v0)
+            self.eval_history.append({"epoch": epoch_idx, "result": dict(result)})
+            improved = []
+            for k, key in keys.items():
+                if key not in result:
+                    raise ValueError(
+                        f"valid_metric {self.raw_valid_metric!r} gives key {key!r}, not among "
+                        f"the results ({', '.join(list(result)[:6])}, ...)"
+                    )
+                if result[key] > best[k]:
+                    best[k], stale[k] = result[key], 0
+                    self._keep_best(k, epoch_idx, result[key], saved)
+                    improved.append(k)
+                else:
+                    stale[k] += 1
+            if verbose:
+                msg = ", ".join(f"{key}: {result[key]:.4f}" for key in keys.values())
+                self.logger.info(
+                    set_color(f"epoch {epoch_idx} evaluating", "green")
+                    + f" [time: {self.eval_times[-1]:.2f}s, {msg}]"
+                    + (f" best updated for {', '.join(improved)}" if improved else "")
+                )
+                self.logger.info(set_color("valid result", "blue") + f": {_fmt(result)}")
+            if callback_fn:
+                callback_fn(epoch_idx, sum(result[key] for key in keys.values()) / len(keys))
+            if all(s >= self.stopping_step for s in stale.values()):
+                if verbose:
+                    self.logger.info(
+                        f"Finished training, no improvement for {self.stopping_step} evaluations "
+                        f"(best epochs: { {k: v['epoch'] for k, v in self.best_states.items()} })"
+                    )
+                break
+        if not evaluated:
+            # No validation happened: the final weights stand for every selection key.
+            for k in keys:
+                self._keep_best(k, epoch_idx, float("nan"), saved)
+            return -1, None
+        self.best_valid_score = sum(best.values()) / len(best)
+        self.best_valid_result = self._combined_result(valid_data, "valid")
+        return self.best_valid_score, self.best_valid_result
+
+    def _keep_best(self, key, epoch, score, saved):
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        entry = {"state": state, "epoch": epoch, "score": score, "file": None}
+        if saved:
+            path = f"{self.checkpoint_prefix}-{key}.pth"
+            tmp = path + ".tmp"
+            torch.save(
+                {
+                    "state_dict": state,
+                    "epoch": epoch,
+                    "selection_key": key,
+                    "valid_score": score,
+                    "config": to_jsonable(self.config.final_config_dict),
+                },
+                tmp,
+            )
+            os.replace(tmp, path)
+            entry["file"] = path
+        self.best_states[key] = entry
+
+    # -- evaluation ------------------------------------------------------------------
+    def _ranks_with_state(self, state, eval_data, show_progress):
+        if state is not None:
+            self.model.load_state_dict(state)
+        return self.protocol.rank(self.model, eval_data, show_progress=show_progress)
+
+    def _combined_ranks(self, eval_data, show_progress=False):
+        """Ranks per protocol, each domain's instances ranked by its selected checkpoint."""
+        if self.selection == "joint":
+            return self._ranks_with_state(self.best_states["joint"]["state"], eval_data, show_progress)
+        combined = None
+        for d, name in enumerate(self.domain_names):
+            ranks = self._ranks_with_state(self.best_states[name]["state"], eval_data, show_progress)
+            sel = eval_data.target_domain == d
+            if combined is None:
+                combined = {p: r.clone() for p, r in ranks.items()}
+            for p in ranks:
+                combined[p][sel] = ranks[p][sel]
+        return combined
+
+    def _combined_result(self, eval_data, split):
+        ranks = self._combined_ranks(eval_data)
+        return self.protocol.results(ranks, eval_data.target_domain, self.domain_names)
+
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        """Result dict of ``eval_data`` under every configured protocol.
+
+        ``load_best_model``: use the selected checkpoint(s) (per domain or joint);
+        ``model_file``: a checkpoint written by this trainer; otherwise the current weights.
+        """
+        if not eval_data:
+            return None
+        self._setup(eval_data.dataset)
+        if model_file:
+            ckpt = torch.load(model_file, map_location=self.device, weights_only=True)
+            ranks = self._ranks_with_state(ckpt["state_dict"], eval_data, show_progress)
+        elif load_best_model and self.best_states:
+            ranks = self._combined_ranks(eval_data, show_progress)
+        else:
+            ranks = self._ranks_with_state(None, eval_data, show_progress)
+        self.last_ranks = ranks
+        return self.protocol.results(ranks, eval_data.target_domain, self.domain_names)
+
+    def selection_summary(self):
+        return {
+            "model_selection": self.selection,
+            "selection_keys": self.selection_keys() if self.domain_names else None,
+            "best_epochs": {k: v["epoch"] for k, v in self.best_states.items()},
+            "best_valid_scores": {k: v["score"] for k, v in self.best_states.items()},
+            "checkpoints": {k: v["file"] for k, v in self.best_states.items()},
+        }
+
+
+def _fmt(result, keys_per_line=None):
+    return "  ".join(f"{k}: {v:.4f}" for k, v in result.items() if "@10" in k)
