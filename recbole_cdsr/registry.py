@@ -14,12 +14,22 @@ from recbole_cdsr.utils import disable_anomaly_detection
 PLUGIN_MODELS = {}
 
 #: Trainers of plugin models that need their own: name -> "module:Class".
-PLUGIN_TRAINERS = {}
+PLUGIN_TRAINERS = {
+    "S3Rec": "recbole_cdsr.trainer.s3rec:S3RecCDSRTrainer",
+}
 
 #: RecBole sequential models that cannot be scored under the protocol, with the reason.
 UNSUPPORTED_RECBOLE_MODELS = {
     "SASRecCPR": "its predict is not implemented in RecBole 1.2.1 (assert False)",
     "GRU4RecCPR": "its predict is not implemented in RecBole 1.2.1 (assert False)",
+    "DIN": "a click-through-rate model: no full_sort_predict, the protocol scores each "
+    "history once against all items",
+    "DIEN": "a click-through-rate model: no full_sort_predict, the protocol scores each "
+    "history once against all items",
+    "KSR": "needs a knowledge graph with pre-trained entity and relation embeddings, "
+    "which the cross-domain releases do not have",
+    "GRU4RecKG": "needs pre-trained knowledge-graph entity embeddings, which the "
+    "cross-domain releases do not have",
 }
 
 
