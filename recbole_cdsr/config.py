@@ -137,6 +137,14 @@ class CDSRConfig(Config):
                     "loss_type CE scores all items and takes no sampled negatives: "
                     "set train_neg_sample_args: ~ (or choose loss_type: BPR)"
                 )
+        metrics = d.get("metrics")
+        metrics = [metrics] if isinstance(metrics, str) else list(metrics or [])
+        bad = [m for m in metrics if str(m).lower() not in SUPPORTED_METRICS]
+        if bad or not metrics:
+            raise ConfigError(
+                f"metrics {bad or metrics} are not computed by the CDSR protocol; "
+                "supported: Hit, NDCG, MRR"
+            )
         return d
 
     # -- checks ----------------------------------------------------------------------

@@ -60,7 +60,7 @@ class CDSRDataset(SequentialDataset):
         self.domain_field = field
         tokens = self.field2id_token[field]
         # Domains in token order (A, B, ...), excluding padding.
-        self.domain_names = sorted(t for t in tokens[1:])
+        self.domain_names = sorted(str(t) for t in tokens[1:])
         code_of_token_id = np.full(len(tokens), -1, dtype=np.int64)
         for tid, tok in enumerate(tokens):
             if tid > 0:

@@ -1,0 +1,96 @@
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import run_recbole_cdsr
+from recbole_cdsr.quick_start import run_recbole_cdsr as run
+
+from conftest import base_config
+
+
+def test_cli_on_real_food_kitchen_converts_trains_and_prints_domains(tmp_path, fk_raw, capsys):
+    data = tmp_path / "data"
+    rc = run_recbole_cdsr.main(
+        [
+            "--model=SASRec",
+            "--dataset=food-kitchen",
+            f"--raw_path={fk_raw}",  # atomic files are missing: the run converts the release
+            f"--data_path={data}",
+            f"--checkpoint_dir={tmp_path / 'saved'}",
+            f"--results_dir={tmp_path / 'results'}",
+            "--epochs=2",
+            "--steps_per_epoch=3",
+            "--train_batch_size=256",
+            "--show_progress=False",
+            "--state=WARNING",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert os.path.isfile(data / "food-kitchen" / "food-kitchen.manifest.json")
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"^(sampled|full)\s+(A|B|overall)\s+([\d. ]+)$", line)
+        if m:
+            rows[(m.group(1), m.group(2))] = [float(x) for x in m.group(3).split()]
+    assert set(rows) == {(p, d) for p in ("sampled", "full") for d in ("A", "B", "overall")}
+    for vals in rows.values():
+        assert len(vals) == 12 and all(0.0 <= v <= 1.0 for v in vals)
+    # sampled ranking against 999 negatives is never harder than ranking the whole domain
+    assert rows[("sampled", "A")][3] >= rows[("full", "A")][3]
+
+    files = os.listdir(tmp_path / "results")
+    assert len(files) == 1
+    res = json.loads((tmp_path / "results" / files[0]).read_text())
+    assert res["model"] == "SASRec" and res["seed"] == 2020 and res["train_view"] == "prefix"
+    assert res["config"]["eval_neg_num"] == 999 and res["config"]["steps_per_epoch"] == 3
+    assert res["versions"]["recbole"] == "1.2.1" and res["versions"]["torch"] == torch.__version__
+    assert res["device"]["device"] == "cpu"
+    assert res["selection"]["model_selection"] == "per_domain"
+    assert set(res["selection"]["best_epochs"]) == {"A", "B"}
+    assert res["instances"]["test"] == {"A": 300, "B": 637}
+    for split in ("valid", "test"):
+        for p in ("sampled", "full"):
+            for d in ("A", "B", "overall"):
+                assert 0.0 <= res[split][p][f"{d}/ndcg@10"] <= 1.0
+    assert len(res["timing"]["train_epoch_seconds"]) == 2
+    assert res["timing"]["train_steps"] == 6
+    # checkpoints load with weights_only=True (torch >= 2.6 default)
+    ck = torch.load(res["selection"]["checkpoints"]["A"], weights_only=True)
+    assert "state_dict" in ck and ck["selection_key"] == "A"
+
+
+def _short(tmp, data, seed, **kw):
+    opts = dict(epochs=2, steps_per_epoch=4, train_batch_size=32, eval_neg_num=50, seed=seed)
+    opts.update(kw)
+    cfg = base_config(tmp, data_path=data, **opts)
+    return run("SASRec", "fk-slice", config_dict=cfg, saved=False, verbose=False)
+
+
+def test_same_seed_same_metrics(tmp_path, slice_data):
+    a = _short(str(tmp_path / "a"), slice_data, 7)
+    b = _short(str(tmp_path / "b"), slice_data, 7)
+    assert a["test_result"] == b["test_result"]
+    assert a["best_valid_result"] == b["best_valid_result"]
+    c = _short(str(tmp_path / "c"), slice_data, 8)
+    assert c["test_result"] != a["test_result"]
+
+
+def test_joint_selection_is_recorded(tmp_path, slice_data):
+    out = _short(str(tmp_path), slice_data, 1, model_selection="joint", valid_metric="ndcg@10")
+    sel = out["results"]["selection"]
+    assert sel["model_selection"] == "joint" and sel["selection_keys"] == {"joint": "overall/ndcg@10"}
+    assert list(sel["best_epochs"]) == ["joint"]
+
+
+def test_per_domain_selection_takes_each_domain_from_its_best_epoch(tmp_path, slice_data):
+    out = _short(str(tmp_path), slice_data, 3, epochs=4)
+    hist = out["results"]["valid_history"]
+    best = out["results"]["selection"]["best_epochs"]
+    for d in ("A", "B"):
+        scores = [h["result"][f"{d}/hit@10"] for h in hist]
+        assert hist[scores.index(max(scores))]["epoch"] == best[d]
+        assert out["best_valid_result"][f"{d}/hit@10"] == max(scores)
