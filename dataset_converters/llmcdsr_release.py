@@ -90,7 +90,7 @@ class ConversionError(ValueError):
     """A release file is missing or malformed; the message names the file (and line)."""
 
 
-def _sha256(path):
+def sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -292,8 +292,8 @@ def convert_llmcdsr_release(raw_dir, out_dir, name=None, allow_missing_single_do
         for f in PROMPT_FILES:
             if os.path.isfile(p(f)):
                 shutil.copyfile(p(f), os.path.join(tmp_dir, f))
-        sources = {f: _sha256(p(f)) for f in sorted(os.listdir(raw_dir)) if os.path.isfile(p(f))}
-        outputs = {f: _sha256(os.path.join(tmp_dir, f)) for f in sorted(os.listdir(tmp_dir))}
+        sources = {f: sha256_file(p(f)) for f in sorted(os.listdir(raw_dir)) if os.path.isfile(p(f))}
+        outputs = {f: sha256_file(os.path.join(tmp_dir, f)) for f in sorted(os.listdir(tmp_dir))}
         counts = {
             "items_A": n_a,
             "items_B": n_b,

@@ -1,11 +1,12 @@
 """Small shared helpers: paths, atomic writes, hashing, process-wide switches."""
 
-import hashlib
 import json
 import os
 import tempfile
 
 import torch
+
+from dataset_converters.llmcdsr_release import sha256_file  # noqa: F401  (one implementation)
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -25,14 +26,6 @@ def properties_dir():
     raise FileNotFoundError(
         "recbole_cdsr: cannot find properties/overall.yaml (reinstall the package)"
     )
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path, data):
