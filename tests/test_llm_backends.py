@@ -1,0 +1,183 @@
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from recbole_cdsr.llm.backends import BackendError, Completion, HFBackend, OpenAIBackend
+from recbole_cdsr.llm.generation import GenerationJob, build_prompt, make_requests, parse_names
+
+GOOD = "Here are some picks:\n1. Cast Iron Skillet\n2. Chef Knife\n3. Cutting Board\n"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    calls = {}
+    lock = threading.Lock()
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"] if "messages" in body else body["prompt"]
+        key = prompt.split("\n")[-1] if "\n" in prompt else prompt
+        with self.lock:
+            n = self.calls[key] = self.calls.get(key, 0) + 1
+        if "stall" in prompt:
+            time.sleep(1.5)
+        if "always500" in prompt or ("flaky" in prompt and n == 1):
+            self.send_response(500)
+            self.end_headers()
+            return
+        if "garbage" in prompt:
+            payload = b"<html>not json"
+        elif "badrequest" in prompt:
+            self.send_response(400)
+            self.end_headers()
+            return
+        else:
+            text = GOOD
+            if "Extract the names" in prompt:
+                text = "1. Cast Iron Skillet\n2. Chef Knife\n3. Cutting Board"
+            msg = {"message": {"role": "assistant", "content": text}} if "messages" in body else {"text": text}
+            payload = json.dumps({"choices": [msg]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        try:
+            self.wfile.write(payload)
+        except BrokenPipeError:
+            pass
+
+
+@pytest.fixture()
+def server():
+    _Handler.calls = {}
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1", _Handler.calls
+    srv.shutdown()
+    srv.server_close()
+
+
+def _backend(url, **kw):
+    opts = dict(timeout=0.5, max_retries=2, backoff=0.01, concurrency=3)
+    opts.update(kw)
+    return OpenAIBackend(url, "test-model", **opts)
+
+
+def test_openai_good_flaky_500_garbage_stall(server):
+    url, calls = server
+    b = _backend(url)
+    out = b.generate(["u good", "u flaky", "u always500", "u garbage", "u stall", "u badrequest"])
+    assert [c.ok for c in out] == [True, True, False, False, False, False]
+    assert out[0].text == GOOD and parse_names(out[0].text) == ["Cast Iron Skillet", "Chef Knife", "Cutting Board"]
+    assert out[1].attempts == 2  # one 500, then success
+    assert out[2].attempts == 3 and "HTTP 500" in out[2].error  # 1 + 2 retries
+    assert "unparseable" in out[3].error
+    assert out[4].attempts == 3 and "timed out" in out[4].error.lower()
+    assert out[5].attempts == 1 and "HTTP 400" in out[5].error  # a client error is not retried
+    assert calls["u always500"] == 3 and calls["u badrequest"] == 1
+
+
+def test_openai_completions_endpoint_and_bad_config(server):
+    url, _ = server
+    assert _backend(url, chat=False).generate(["u good"])[0].text == GOOD
+    with pytest.raises(BackendError, match="http"):
+        OpenAIBackend("localhost:8000", "m")
+
+
+def test_generation_job_records_failures_and_resumes(tmp_path, server):
+    url, calls = server
+    reqs = [{"user": f"A_{i}", "domain": "A", "prompt": f"p{i}\nu {'always500' if i == 3 else 'good'} {i}"} for i in range(6)]
+    job = GenerationJob(str(tmp_path), "toy", _backend(url), parser="llm", settings={"seed": 1}, batch_size=2,
+                        show_progress=False)
+    recs = job.run(reqs)
+    assert set(recs) == {f"A_{i}" for i in range(6)}  # nobody lost
+    assert recs["A_3"]["status"] == "failed" and recs["A_3"]["error"]
+    assert recs["A_0"]["names"] == ["Cast Iron Skillet", "Chef Knife", "Cutting Board"]
+    assert recs["A_0"]["pseudo_items"] is True
+    man = json.loads(open(job.manifest).read())
+    assert man["users_failed"] == 1 and man["complete"] is False
+    assert man["identity"]["backend"]["model"] == "test-model" and man["identity"]["parser"] == "llm"
+    before = dict(calls)
+    job.run(reqs)  # rerun: only the failed user is asked again
+    asked = {k: calls[k] - before.get(k, 0) for k in calls if calls[k] != before.get(k, 0)}
+    assert list(asked) == ["u always500 3"]
+
+
+class _Crashy:
+    """A backend that dies after ``limit`` prompts, like a process killed half way."""
+
+    def __init__(self, limit):
+        self.limit, self.seen = limit, []
+
+    def identity(self):
+        return {"backend": "fake"}
+
+    def generate(self, prompts):
+        if len(self.seen) + len(prompts) > self.limit:
+            raise KeyboardInterrupt("killed")
+        self.seen += prompts
+        return [Completion("1. a thing\n2. b thing\n3. c thing") for _ in prompts]
+
+
+def test_resume_after_kill_every_user_done_exactly_once(tmp_path):
+    reqs = [{"user": f"B_{i}", "domain": "B", "prompt": f"prompt {i}"} for i in range(10)]
+    first = _Crashy(limit=6)
+    job = GenerationJob(str(tmp_path), "toy", first, batch_size=3, show_progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        job.run(reqs)
+    with open(job.jsonl, "a") as f:
+        f.write('{"user": "B_9", "sta')  # a torn last line from the crash
+    second = _Crashy(limit=100)
+    recs = GenerationJob(str(tmp_path), "toy", second, batch_size=3, show_progress=False).run(reqs)
+    assert len(first.seen) == 6 and len(second.seen) == 4
+    assert sorted(first.seen + second.seen) == sorted(r["prompt"] for r in reqs)  # each exactly once
+    assert all(r["status"] == "ok" for r in recs.values()) and len(recs) == 10
+
+
+def test_prompt_shape_and_seeded_examples():
+    p = build_prompt("PREFIX", [(["a1", "a2"], ["b1"])], ["a9"])
+    assert p.splitlines() == ["PREFIX", "", "### Example 1", "Input:", "a1", "a2", "Output:", "- b1",
+                              "", "### Input:", "a9", "", "### Response:"]
+    over = {"A": [([f"a{i}"], [f"b{i}"]) for i in range(20)]}
+    r1 = make_requests([("A_1", "A", ["x"]), ("A_2", "A", ["y"])], over, {"A": "P"}, 3, seed=5)
+    r2 = make_requests([("A_2", "A", ["y"])], over, {"A": "P"}, 3, seed=5)
+    assert r1[1]["prompt"] == r2[0]["prompt"]  # a user's prompt does not depend on the others
+    assert r1[0]["prompt"].count("### Example") == 3
+
+
+def _tiny_causal_lm(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = [GOOD, "Input: Output: ### Example Response 1 2 3 . - tea coffee knife pan"]
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    fast.save_pretrained(path)
+    cfg = GPT2Config(vocab_size=len(fast), n_positions=256, n_embd=32, n_layer=1, n_head=2,
+                     bos_token_id=2, eos_token_id=2, pad_token_id=1)
+    import torch
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path
+
+
+def test_hf_backend_generates_with_a_local_tiny_model(tmp_path):
+    path = _tiny_causal_lm(str(tmp_path / "tiny-lm"))
+    b = HFBackend(path, batch_size=2, max_new_tokens=12)
+    out = b.generate(["Input: tea coffee", "Input: knife", "Input: pan pan pan pan"])
+    assert len(out) == 3 and all(c.ok and isinstance(c.text, str) for c in out)
+    assert out == HFBackend(path, batch_size=2, max_new_tokens=12).generate(
+        ["Input: tea coffee", "Input: knife", "Input: pan pan pan pan"])  # greedy: reproducible
+    job = GenerationJob(str(tmp_path), "toy", b, settings={"seed": 0}, show_progress=False)
+    recs = job.run([{"user": "A_1", "domain": "A", "prompt": "Input: tea"}])
+    assert recs["A_1"]["status"] == "ok" and isinstance(recs["A_1"]["raw"], str)
+    with pytest.raises(BackendError, match="not a folder"):
+        HFBackend(str(tmp_path / "missing"))
