@@ -94,3 +94,37 @@ def test_per_domain_selection_takes_each_domain_from_its_best_epoch(tmp_path, sl
         scores = [h["result"][f"{d}/hit@10"] for h in hist]
         assert hist[scores.index(max(scores))]["epoch"] == best[d]
         assert out["best_valid_result"][f"{d}/hit@10"] == max(scores)
+
+
+def test_cli_with_config_files(tmp_path, slice_data, capsys):
+    yaml = tmp_path / "my.yaml"
+    yaml.write_text(
+        "\n".join(
+            [
+                f"data_path: {slice_data}",
+                f"checkpoint_dir: {tmp_path / 'saved'}",
+                f"results_dir: {tmp_path / 'results'}",
+                "epochs: 1",
+                "steps_per_epoch: 2",
+                "train_batch_size: 32",
+                "eval_neg_num: 50",
+                "eval_protocol: [full]",
+                "model_selection: joint",
+                "show_progress: False",
+                "state: WARNING",
+            ]
+        )
+    )
+    rc = run_recbole_cdsr.main(["--model=NARM", "--dataset=fk-slice", f"--config_files={yaml}", "--seed=11"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "selection: joint" in out and re.search(r"^full\s+A\s", out, re.M) and "sampled" not in out
+    res = json.loads(open(os.path.join(tmp_path / "results", os.listdir(tmp_path / "results")[0])).read())
+    assert res["seed"] == 11 and res["protocols"] == ["full"] and res["model"] == "NARM"
+
+
+def test_cli_unknown_model_is_one_clear_error(tmp_path, capsys):
+    rc = run_recbole_cdsr.main(["--model=SASRecc", "--dataset=food-kitchen"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'SASRecc'" in err and "GRU4Rec" in err
