@@ -181,3 +181,27 @@ def test_hf_backend_generates_with_a_local_tiny_model(tmp_path):
     assert recs["A_1"]["status"] == "ok" and isinstance(recs["A_1"]["raw"], str)
     with pytest.raises(BackendError, match="not a folder"):
         HFBackend(str(tmp_path / "missing"))
+
+
+def test_retrieval_stand_in_on_real_slice(tmp_path, fk_data):
+    from recbole_cdsr.llm.encoders import TextEncoder
+    from recbole_cdsr.llm.retrieval import RetrievalBackend
+    from recbole_cdsr.llm.stage1 import stage1_requests
+
+    d = f"{fk_data}/food-kitchen"
+    reqs, overlapped = stage1_requests(d, "food-kitchen", shot=3, seed=0)
+    assert len(reqs) == 5472 + 38191 and len(overlapped["A"]) == 7501
+    first = reqs[0]
+    assert first["user"] == "A_1" and first["domain"] == "A"
+    assert first["prompt"].startswith(open(f"{d}/candidate_generate_A_icl.txt").read().rstrip()[:60])
+    assert first["prompt"].count("### Example") == 3 and first["prompt"].rstrip().endswith("### Response:")
+    sub = {"A": overlapped["A"][:200], "B": overlapped["B"][:200]}
+    backend = RetrievalBackend(TextEncoder(), sub, neighbours=2)
+    job = GenerationJob(str(tmp_path), "fk", backend, settings={"seed": 0}, show_progress=False)
+    recs = job.run(reqs[:5] + reqs[-5:])
+    b_titles = {t for _, tgt in sub["A"] for t in tgt}
+    assert all(r["status"] == "ok" for r in recs.values())
+    assert set(recs["A_1"]["names"]) <= b_titles and len(recs["A_1"]["names"]) > 0
+    assert job.identity["backend"]["backend"] == "retrieval"
+    with pytest.raises(Exception, match="needs an LLM backend"):
+        GenerationJob(str(tmp_path), "fk", backend, parser="llm")

@@ -82,6 +82,8 @@ class GenerationJob:
                  min_names=2, show_progress=True):
         if parser not in ("regex", "llm"):
             raise GenerationError(f"llm_parser must be 'regex' or 'llm', got {parser!r}")
+        if parser == "llm" and not getattr(backend, "is_llm", True):
+            raise GenerationError("llm_parser 'llm' needs an LLM backend (hf or openai); use 'regex'")
         self.backend = backend
         self.parser = parser
         self.batch_size = max(1, int(batch_size))
@@ -152,7 +154,10 @@ class GenerationJob:
         with open(self.jsonl, "a", encoding="utf-8") as f:
             for i in range(0, len(todo), self.batch_size):
                 batch = todo[i : i + self.batch_size]
-                comps = self.backend.generate([r["prompt"] for r in batch])
+                if hasattr(self.backend, "generate_requests"):
+                    comps = self.backend.generate_requests(batch)
+                else:
+                    comps = self.backend.generate([r["prompt"] for r in batch])
                 if len(comps) != len(batch):
                     raise GenerationError(f"backend returned {len(comps)} answers for {len(batch)} prompts")
                 names = self._parse(comps)
