@@ -1,0 +1,51 @@
+"""Building blocks shared by the plugin's models."""
+
+import torch
+from torch import nn
+
+from recbole.model.layers import TransformerEncoder
+
+
+class CausalSeqEncoder(nn.Module):
+    """SASRec's encoder (Kang and McAuley, ICDM 2018): item + position embeddings, a causal
+    Transformer, layer norm and dropout. ``forward`` returns the hidden state at every
+    position, so a model can train on all positions of a whole sequence in one pass."""
+
+    def __init__(self, n_items, hidden_size=64, max_len=50, n_layers=2, n_heads=1, inner_size=256,
+                 dropout=0.5, attn_dropout=0.5, hidden_act="gelu", layer_norm_eps=1e-12,
+                 initializer_range=0.02):
+        super().__init__()
+        self.item_embedding = nn.Embedding(n_items, hidden_size, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_len, hidden_size)
+        self.encoder = TransformerEncoder(
+            n_layers=n_layers, n_heads=n_heads, hidden_size=hidden_size, inner_size=inner_size,
+            hidden_dropout_prob=dropout, attn_dropout_prob=attn_dropout, hidden_act=hidden_act,
+            layer_norm_eps=layer_norm_eps,
+        )
+        self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.max_len = max_len
+        self.initializer_range = initializer_range
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=self.initializer_range)
+        elif isinstance(module, nn.LayerNorm):
+            module.bias.data.zero_()
+            module.weight.data.fill_(1.0)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+
+    def forward(self, item_seq, item_emb=None):
+        """``item_seq`` [B, L] (0 = padding, left-aligned). ``item_emb`` [B, L, H] replaces the
+        embedding lookup when given (e.g. embeddings carrying gradients from elsewhere)."""
+        L = item_seq.size(1)
+        pos = torch.arange(L, device=item_seq.device).unsqueeze(0).expand_as(item_seq)
+        if item_emb is None:
+            item_emb = self.item_embedding(item_seq)
+        x = self.dropout(self.layer_norm(item_emb + self.position_embedding(pos)))
+        keep = (item_seq != 0).unsqueeze(1).unsqueeze(2)
+        mask = torch.tril(keep.expand(-1, -1, L, -1))
+        mask = torch.where(mask, 0.0, -10000.0)
+        return self.encoder(x, mask, output_all_encoded_layers=True)[-1]

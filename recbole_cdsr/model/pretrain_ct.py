@@ -1,0 +1,223 @@
+"""Stage 2 of LLMCDSR: collaborative-textual contrastive pre-training, once per domain.
+
+For domain D: a SASRec encoder trained only on D-sequences (single-domain D users plus the
+D-only subsequence of every overlapped training user; the last item of each sequence is
+held out for validation), and a projection ``W_D = Linear(d_text -> hidden, no bias)``.
+
+    loss = next-item BCE (one negative per position, from D, not in the sequence)
+         + infonce_weight x InfoNCE(W_D T_D[i], E_D[i]) over the unique items of the batch
+           (symmetric, in-batch negatives, temperature ``tau``)
+
+Early stopping on validation HR@10 (full ranking over D, pessimistic ties). Outputs, per
+domain, written next to the dataset with a manifest: ``E_D`` (collaborative item embeddings,
+rows in the ``.item`` order of D's items, padding dropped) and ``W_D`` (``proj`` [hidden,
+d_text]). They map the text space of stage 1 into each domain's collaborative space.
+"""
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recbole_cdsr.model.layers import CausalSeqEncoder
+from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_file
+
+logger = logging.getLogger(__name__)
+
+PRETRAIN_FORMAT_VERSION = 1
+
+DEFAULTS = {
+    "hidden_size": 64,
+    "n_layers": 2,
+    "n_heads": 1,
+    "inner_size": 256,
+    "dropout": 0.5,
+    "max_len": 50,
+    "learning_rate": 1e-3,
+    "batch_size": 128,
+    "epochs": 200,
+    "patience": 10,
+    "infonce_weight": 0.1,
+    "tau": 1.0,
+    "seed": 2020,
+}
+
+
+def domain_sequences(train_seqs, item_domain, item_index, domain):
+    """D-only sequences as lists of local ids (1..|D|), dropping those shorter than 2."""
+    out = []
+    for seq in train_seqs:
+        s = [item_index[t] for t in seq if item_domain[t] == domain]
+        if len(s) >= 2:
+            out.append(s)
+    return out
+
+
+def _pad(seqs, max_len):
+    """Left-aligned [N, max_len] with the last ``max_len`` items of each sequence."""
+    m = np.zeros((len(seqs), max_len), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        s = s[-max_len:]
+        m[i, : len(s)] = s
+    return torch.from_numpy(m)
+
+
+class CollabTextPretrainer(nn.Module):
+    def __init__(self, n_items, d_text, hp):
+        super().__init__()
+        self.n_items = n_items  # including padding row 0
+        self.enc = CausalSeqEncoder(
+            n_items, hp["hidden_size"], hp["max_len"], hp["n_layers"], hp["n_heads"],
+            hp["inner_size"], hp["dropout"], hp["dropout"],
+        )
+        self.proj = nn.Linear(d_text, hp["hidden_size"], bias=False)
+        self.tau = hp["tau"]
+        self.w = hp["infonce_weight"]
+
+    def losses(self, inp, pos, neg, text):
+        h = self.enc(inp)  # [B, L, H]
+        emb = self.enc.item_embedding
+        mask = (pos > 0).float()
+        ps = (h * emb(pos)).sum(-1)
+        ns = (h * emb(neg)).sum(-1)
+        bce = (
+            F.binary_cross_entropy_with_logits(ps, torch.ones_like(ps), reduction="none")
+            + F.binary_cross_entropy_with_logits(ns, torch.zeros_like(ns), reduction="none")
+        )
+        bce = (bce * mask).sum() / mask.sum().clamp(min=1)
+        items = torch.unique(torch.cat([inp[inp > 0], pos[pos > 0]]))
+        a = F.normalize(self.proj(text[items]), dim=-1)
+        b = F.normalize(emb(items), dim=-1)
+        logits = a @ b.t() / self.tau
+        lbl = torch.arange(len(items), device=logits.device)
+        nce = 0.5 * (F.cross_entropy(logits, lbl) + F.cross_entropy(logits.t(), lbl))
+        return bce, nce
+
+    @torch.no_grad()
+    def hit_at_10(self, hist, target):
+        self.eval()
+        h = self.enc(hist)
+        last = (hist > 0).sum(1) - 1
+        u = h[torch.arange(len(hist)), last]
+        scores = u @ self.enc.item_embedding.weight.t()
+        scores[:, 0] = float("-inf")
+        t = scores.gather(1, target.view(-1, 1))
+        scores[torch.arange(len(target)), target] = float("-inf")
+        rank = 1 + (scores >= t).sum(1)
+        self.train()
+        return float((rank <= 10).float().mean())
+
+
+def pretrain_domain(seqs, text, hp=None, device="cpu", log=None):
+    """Train on ``seqs`` (lists of local ids 1..n); ``text`` float [n + 1, d] (row 0 padding).
+
+    Returns a dict with ``item_emb`` [n, H] (padding dropped), ``proj`` [H, d_text],
+    ``best_epoch``, ``valid_hit@10``, ``epoch_seconds``."""
+    hp = dict(DEFAULTS, **(hp or {}))
+    torch.manual_seed(hp["seed"])
+    rng = np.random.default_rng(hp["seed"])
+    n = text.shape[0]
+    model = CollabTextPretrainer(n, text.shape[1], hp).to(device)
+    text = torch.as_tensor(text, dtype=torch.float32, device=device)
+    # training part: all but the held-out last item; validation: predict the last item
+    train = [s[:-1] for s in seqs if len(s) >= 3]
+    val_hist = _pad([s[:-1] for s in seqs if len(s) >= 3], hp["max_len"]).to(device)
+    val_tgt = torch.tensor([s[-1] for s in seqs if len(s) >= 3], device=device)
+    full = _pad(train, hp["max_len"] + 1)
+    inp, pos = full[:, :-1].clone(), full[:, 1:].clone()
+    # a sequence that fits keeps its first item as input only (targets start at item 2)
+    opt = torch.optim.Adam(model.parameters(), lr=hp["learning_rate"])
+    best, best_state, best_epoch, stale, times = -1.0, None, -1, 0, []
+    in_seq = [set(s) for s in train]
+    for epoch in range(hp["epochs"]):
+        t0 = time.time()
+        order = rng.permutation(len(train))
+        for i in range(0, len(order), hp["batch_size"]):
+            idx = order[i : i + hp["batch_size"]]
+            b_inp, b_pos = inp[idx].to(device), pos[idx].to(device)
+            neg = rng.integers(1, n, size=b_pos.shape)
+            for r, row in enumerate(idx):  # resample negatives that are in the sequence
+                bad = np.isin(neg[r], list(in_seq[row]))
+                while bad.any():
+                    neg[r, bad] = rng.integers(1, n, size=int(bad.sum()))
+                    bad = np.isin(neg[r], list(in_seq[row]))
+            b_neg = torch.from_numpy(neg).to(device) * (b_pos > 0)
+            bce, nce = model.losses(b_inp, b_pos, b_neg, text)
+            loss = bce + model.w * nce
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        times.append(time.time() - t0)
+        hit = model.hit_at_10(val_hist, val_tgt)
+        if log:
+            log(f"pre-train epoch {epoch}: bce {bce.item():.4f} infonce {nce.item():.4f} valid hit@10 {hit:.4f}")
+        if hit > best:
+            best, best_epoch, stale = hit, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= hp["patience"]:
+                break
+    model.load_state_dict(best_state)
+    return {
+        "item_emb": model.enc.item_embedding.weight[1:].detach().cpu().numpy().astype(np.float32),
+        "proj": model.proj.weight.detach().cpu().numpy().astype(np.float32),
+        "best_epoch": best_epoch,
+        "valid_hit@10": best,
+        "epoch_seconds": times,
+        "hyper_parameters": hp,
+    }
+
+
+def pretrain_dataset(dataset_dir, name, encoder, train_seqs, item_tokens, item_domains, text_emb,
+                     hp=None, device="cpu", log=None):
+    """Stage 2 for both domains of a dataset, cached: skipped when the manifest matches.
+
+    ``item_tokens``/``item_domains``/``text_emb`` in ``.item`` order; ``train_seqs``: lists of
+    item tokens of every training user (history then last item).
+    Returns ``{domain: {"item_emb", "proj", "item_tokens"}}``."""
+    hp = dict(DEFAULTS, **(hp or {}))
+    seq_digest = hashlib.sha256("\n".join(" ".join(s) for s in train_seqs).encode()).hexdigest()
+    ident = {
+        "format_version": PRETRAIN_FORMAT_VERSION,
+        "encoder": encoder.identity(),
+        "item_file_sha256": sha256_file(os.path.join(dataset_dir, f"{name}.item")),
+        "train_sequences_sha256": seq_digest,
+        "hyper_parameters": hp,
+    }
+    tag = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    item_domain = dict(zip(item_tokens, item_domains))
+    out = {}
+    for dom in sorted(set(item_domains)):
+        base = os.path.join(dataset_dir, f"{name}.pretrain-{dom}-{tag}")
+        npz, man = base + ".npz", base + ".json"
+        rows = np.nonzero(np.asarray(item_domains) == dom)[0]
+        toks = np.asarray(item_tokens)[rows]
+        if os.path.isfile(npz) and os.path.isfile(man):
+            with open(man) as f:
+                m = json.load(f)
+            if m.get("identity") == ident and m.get("npz_sha256") == sha256_file(npz):
+                with np.load(npz, allow_pickle=False) as z:
+                    out[dom] = {"item_emb": z["item_emb"], "proj": z["proj"], "item_tokens": toks}
+                continue
+        index = {t: i + 1 for i, t in enumerate(toks)}
+        seqs = domain_sequences(train_seqs, item_domain, index, dom)
+        text = np.concatenate([np.zeros((1, text_emb.shape[1]), np.float32), text_emb[rows]])
+        res = pretrain_domain(seqs, text, hp, device, log)
+        buf = io.BytesIO()
+        np.savez(buf, item_emb=res["item_emb"], proj=res["proj"])
+        atomic_write_bytes(npz, buf.getvalue())
+        atomic_write_json(man, {
+            "identity": ident, "domain": dom, "sequences": len(seqs), "best_epoch": res["best_epoch"],
+            "valid_hit@10": res["valid_hit@10"], "epoch_seconds": res["epoch_seconds"],
+            "npz_sha256": sha256_file(npz),
+        })
+        out[dom] = {"item_emb": res["item_emb"], "proj": res["proj"], "item_tokens": toks}
+    return out
