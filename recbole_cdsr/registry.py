@@ -11,10 +11,13 @@ import inspect
 from recbole_cdsr.utils import disable_anomaly_detection
 
 #: Plugin models: name -> "module:Class". Filled as models are added to recbole_cdsr.model.
-PLUGIN_MODELS = {}
+PLUGIN_MODELS = {
+    "LLMCDSR": "recbole_cdsr.model.llmcdsr:LLMCDSR",
+}
 
 #: Trainers of plugin models that need their own: name -> "module:Class".
 PLUGIN_TRAINERS = {
+    "LLMCDSR": "recbole_cdsr.trainer.llmcdsr:LLMCDSRTrainer",
     "S3Rec": "recbole_cdsr.trainer.s3rec:S3RecCDSRTrainer",
 }
 

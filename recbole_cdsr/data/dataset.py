@@ -17,6 +17,7 @@ Histories keep their last ``MAX_ITEM_LIST_LENGTH`` items (RecBole's ``seq_len`` 
 keep the first ones). Valid and test rows are exactly the files' rows, in file order.
 """
 
+import os
 import warnings
 
 import numpy as np
@@ -48,6 +49,7 @@ class CDSRDataset(SequentialDataset):
         self.train_view = train_view
         super().__init__(config)
         self._init_domains()
+        self._init_side_information()
 
     # -- domains -----------------------------------------------------------------------
     def _init_domains(self):
@@ -80,6 +82,46 @@ class CDSRDataset(SequentialDataset):
         self.item_domain = item_domain
         #: internal item ids of each domain, ascending
         self.domain_items = [np.nonzero(item_domain == d)[0] for d in range(len(self.domain_names))]
+
+    # -- side information of LLM-enhanced models ---------------------------------------------
+    def _resolve(self, path):
+        return path if os.path.isabs(path) or os.path.exists(path) else os.path.join(self.dataset_path, path)
+
+    def _init_side_information(self):
+        """``pseudo_items`` (stage-1 names embedded) and ``recall_tables`` (stage-2 item
+        embeddings and projections), when the config names them; None otherwise."""
+        from recbole_cdsr.llm.pseudo_items import load_pseudo_items
+
+        self.pseudo_items = None
+        self.recall_tables = None
+        if self.config["pseudo_items"]:
+            self.pseudo_items = load_pseudo_items(
+                self._resolve(self.config["pseudo_items"]),
+                self.field2token_id[self.uid_field],
+                self.user_num,
+                self.config["pseudo_max_names"] or 20,
+            )
+        tables = self.config["recall_tables"]
+        if tables:
+            if not isinstance(tables, dict) or set(tables) != set(self.domain_names):
+                raise CDSRDataError(
+                    f"recall_tables must map every domain ({', '.join(self.domain_names)}) to a "
+                    f"stage-2 .npz file, got {tables!r}"
+                )
+            tok2id = self.field2token_id[self.iid_field]
+            self.recall_tables = {}
+            for dom, path in tables.items():
+                path = self._resolve(path)
+                if not os.path.isfile(path):
+                    raise CDSRDataError(f"recall_tables: {path} does not exist (run stage 2 first)")
+                with np.load(path, allow_pickle=False) as z:
+                    toks, emb, proj = z["item_tokens"], z["item_emb"], z["proj"]
+                ids = [tok2id.get(str(t), 0) for t in toks]
+                self.recall_tables[dom] = {
+                    "item_ids": torch.tensor(ids, dtype=torch.long),
+                    "item_emb": torch.from_numpy(emb),
+                    "proj": torch.from_numpy(proj),
+                }
 
     def domain_mask(self):
         """Bool tensor [n_domains, item_num]: which items belong to each domain."""

@@ -212,7 +212,7 @@ def pretrain_dataset(dataset_dir, name, encoder, train_seqs, item_tokens, item_d
         text = np.concatenate([np.zeros((1, text_emb.shape[1]), np.float32), text_emb[rows]])
         res = pretrain_domain(seqs, text, hp, device, log)
         buf = io.BytesIO()
-        np.savez(buf, item_emb=res["item_emb"], proj=res["proj"])
+        np.savez(buf, item_emb=res["item_emb"], proj=res["proj"], item_tokens=toks.astype(str))
         atomic_write_bytes(npz, buf.getvalue())
         atomic_write_json(man, {
             "identity": ident, "domain": dom, "sequences": len(seqs), "best_epoch": res["best_epoch"],

@@ -1,0 +1,104 @@
+"""Pseudo items: stage-1 names embedded, stored next to the dataset, read by the dataset.
+
+File ``<dataset>.pseudo-<tag>.npz`` (+ ``.json`` manifest):
+``users`` (user tokens, str [U]), ``domains`` (the user's own domain, str [U]),
+``offsets`` (int64 [U + 1]: user u owns rows ``index[offsets[u]:offsets[u + 1]]``),
+``index`` (int32: rows of ``emb``), ``names`` (unique names, str [N]), ``emb`` (float32 [N, d]).
+Names are deduplicated (case-sensitive after whitespace normalisation) so every distinct
+name is embedded once. Users with ``min_names`` or fewer names are left out (no pseudo items).
+``CDSRDataset`` loads the file named by the config key ``pseudo_items`` and exposes it as
+``dataset.pseudo_items`` (tensors indexed by RecBole's internal user ids).
+"""
+
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+
+from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_file
+
+PSEUDO_FORMAT_VERSION = 1
+
+
+class PseudoItemError(ValueError):
+    pass
+
+
+def write_pseudo_items(dataset_dir, dataset_name, records, encoder, source_manifest, min_names=2):
+    """Embed the names of ``records`` (``{user: record}`` from a GenerationJob) and write them.
+
+    Returns the npz path."""
+    users, domains, offsets, index = [], [], [0], []
+    name_row = {}
+    for user in sorted(records):
+        r = records[user]
+        if r.get("status") != "ok" or len(r.get("names") or []) <= min_names:
+            continue
+        users.append(user)
+        domains.append(r["domain"])
+        for n in r["names"]:
+            n = " ".join(str(n).split())
+            if n not in name_row:
+                name_row[n] = len(name_row)
+            index.append(name_row[n])
+        offsets.append(len(index))
+    names = list(name_row)
+    emb = encoder.encode(names) if names else np.zeros((0, encoder.dim), np.float32)
+    ident = {
+        "format_version": PSEUDO_FORMAT_VERSION,
+        "generation": source_manifest,
+        "encoder": encoder.identity(),
+        "min_names": min_names,
+    }
+    tag = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    base = os.path.join(dataset_dir, f"{dataset_name}.pseudo-{tag}")
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        users=np.asarray(users, dtype=str),
+        domains=np.asarray(domains, dtype=str),
+        offsets=np.asarray(offsets, dtype=np.int64),
+        index=np.asarray(index, dtype=np.int32),
+        names=np.asarray(names, dtype=str),
+        emb=np.asarray(emb, dtype=np.float32),
+    )
+    atomic_write_bytes(base + ".npz", buf.getvalue())
+    atomic_write_json(base + ".json", {
+        "identity": ident,
+        "users": len(users),
+        "unique_names": len(names),
+        "dim": int(emb.shape[1]) if len(names) else encoder.dim,
+        "npz_sha256": sha256_file(base + ".npz"),
+    })
+    return base + ".npz"
+
+
+def load_pseudo_items(path, user_token2id, n_users, max_per_user):
+    """Tensors for a dataset: ``emb`` [N + 1, d] (row 0 = padding), ``index`` [n_users, K]
+    (rows of ``emb``, 0 = none; the first ``max_per_user`` names of each user), ``count``
+    [n_users]. Checks the manifest's sha256 first."""
+    import torch
+
+    man = path[: -len(".npz")] + ".json"
+    if not (os.path.isfile(path) and os.path.isfile(man)):
+        raise PseudoItemError(f"pseudo_items: {path} (or its manifest) does not exist; run stage 1 first")
+    with open(man) as f:
+        m = json.load(f)
+    if m.get("npz_sha256") != sha256_file(path):
+        raise PseudoItemError(f"pseudo_items: {path} does not match its manifest (incomplete or changed)")
+    with np.load(path, allow_pickle=False) as z:
+        users, offsets, index, emb = z["users"], z["offsets"], z["index"], z["emb"]
+    k = int(max_per_user)
+    idx = torch.zeros(n_users, k, dtype=torch.long)
+    cnt = torch.zeros(n_users, dtype=torch.long)
+    for u, tok in enumerate(users):
+        uid = user_token2id.get(str(tok))
+        if uid is None:
+            continue  # a user the loaded dataset does not have (e.g. a slice)
+        rows = index[offsets[u] : offsets[u + 1]][:k]
+        idx[uid, : len(rows)] = torch.from_numpy(rows.astype(np.int64) + 1)
+        cnt[uid] = len(rows)
+    table = torch.cat([torch.zeros(1, emb.shape[1]), torch.from_numpy(emb)])
+    return {"emb": table, "index": idx, "count": cnt, "manifest": m}

@@ -1,0 +1,214 @@
+r"""LLMCDSR
+################################################
+Reference:
+    Haoran Xin, Ying Sun, Chao Wang, Hui Xiong. "LLMCDSR: Enhancing Cross-Domain Sequential
+    Recommendation with Large Language Models." ACM TOIS 43(5), 2025.
+
+Stage 3 of the method: a SASRec backbone over the joint item space, trained on whole
+sequences (every position in one pass), plus the Relevance-aware Meta Recall Network (RMRN)
+that turns a single-domain user's LLM "pseudo items" into real items of the other domain
+and inserts them into the user's sequence as context.
+
+Recall, for single-domain users of domain D with pseudo-item text embeddings G [K, d_text]
+(D' is the other domain), all batched:
+  G' = G W_{D'}^T (frozen projection from stage 2); weights = masked softmax over the K rows
+  of pooler_{D'}(G') (Linear(hidden -> 1), zero-initialised: pooling starts as a mean);
+  g = sum_k weights_k G'_k; the top-``recall_k`` items of D' by cosine between g and the
+  pre-trained embeddings E_{D'} (stage 2) are inserted at uniformly random positions of the
+  sequence. At an inserted position the input embedding is the backbone's current
+  embedding of the item plus a straight-through term ``(g - stopgrad(g)) / k``: its value
+  is zero, and the gradient reaching the k inserted embeddings flows back to g as their
+  mean (top-k itself is not differentiable). Inserted items are context only: no loss has
+  an inserted item as its target. Sequences keep their last ``MAX_ITEM_LIST_LENGTH`` inputs.
+
+Loss: BCE with one negative per position, drawn from the positive item's own domain and
+not in the user's sequence. The bilevel meta step that trains the poolers lives in
+:class:`recbole_cdsr.trainer.llmcdsr.LLMCDSRTrainer`.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+
+from recbole_cdsr.model.layers import CausalSeqEncoder
+
+MODES = ("full", "backbone_only", "random_recall", "no_meta")
+
+
+class LLMCDSR(SequentialRecommender):
+    input_type = InputType.POINTWISE
+    TRAIN_VIEW = "sequence"
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.mode = config["llmcdsr_mode"]
+        if self.mode not in MODES:
+            raise ValueError(f"llmcdsr_mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        self.hidden_size = config["hidden_size"]
+        self.recall_k = config["recall_k"]
+        self.neg_resample_rounds = config["neg_resample_rounds"]
+        self.backbone = CausalSeqEncoder(
+            self.n_items, self.hidden_size, self.max_seq_length, config["n_layers"], config["n_heads"],
+            config["inner_size"], config["hidden_dropout_prob"], config["attn_dropout_prob"],
+            config["hidden_act"], config["layer_norm_eps"], config["initializer_range"],
+        )
+        # domains of the joint item space
+        item_domain = torch.as_tensor(dataset.item_domain, dtype=torch.long)
+        self.domain_names = list(dataset.domain_names)
+        self.register_buffer("item_domain", item_domain.clamp(min=0), persistent=False)
+        dom_items = [torch.as_tensor(x, dtype=torch.long) for x in dataset.domain_items]
+        self.register_buffer("domain_sizes", torch.tensor([len(x) for x in dom_items]), persistent=False)
+        self.register_buffer("domain_start", torch.tensor([0] + [len(x) for x in dom_items[:-1]]).cumsum(0), persistent=False)
+        self.register_buffer("domain_items_flat", torch.cat(dom_items), persistent=False)
+        # recall network: needs pseudo items and stage-2 artefacts unless backbone only
+        self.poolers = nn.ModuleList([nn.Linear(self.hidden_size, 1, bias=False) for _ in self.domain_names])
+        for p in self.poolers:
+            nn.init.zeros_(p.weight)
+        self.has_recall = self.mode != "backbone_only"
+        if self.has_recall:
+            pseudo = getattr(dataset, "pseudo_items", None)
+            recall = getattr(dataset, "recall_tables", None)
+            if pseudo is None or recall is None:
+                raise ValueError(
+                    "LLMCDSR needs pseudo items (stage 1) and pre-trained recall tables (stage 2) "
+                    "on the dataset; run it through run_recbole_cdsr, or set llmcdsr_mode: backbone_only"
+                )
+            self.register_buffer("pseudo_emb", pseudo["emb"].float(), persistent=False)
+            self.register_buffer("pseudo_index", pseudo["index"], persistent=False)
+            for d, name in enumerate(self.domain_names):
+                t = recall[name]
+                # frozen: projection W_D [H, d_text], normalised E_D [|D|, H], internal ids [|D|]
+                self.register_buffer(f"proj_{d}", t["proj"].float(), persistent=False)
+                self.register_buffer(f"recall_emb_{d}", F.normalize(t["item_emb"].float(), dim=-1), persistent=False)
+                self.register_buffer(f"recall_ids_{d}", t["item_ids"].long(), persistent=False)
+
+    # -- sequences --------------------------------------------------------------------
+    def whole_sequence(self, interaction):
+        """[B, L + 1]: history then target, left-aligned (0 = padding)."""
+        hist = interaction[self.ITEM_SEQ]
+        n = interaction[self.ITEM_SEQ_LEN]
+        seq = torch.cat([hist, torch.zeros_like(hist[:, :1])], dim=1)
+        seq[torch.arange(len(n), device=seq.device), n] = interaction[self.POS_ITEM_ID]
+        return seq
+
+    def sample_negatives(self, pos, seq):
+        """One negative per position: same domain as ``pos``, not in the row's ``seq``."""
+        dom = self.item_domain[pos]
+        size = self.domain_sizes[dom]
+        neg = self.domain_items_flat[self.domain_start[dom] + (torch.rand(pos.shape, device=pos.device) * size).long()]
+        for _ in range(self.neg_resample_rounds):
+            clash = (neg.unsqueeze(-1) == seq.unsqueeze(1)).any(-1) & (pos > 0)
+            if not clash.any():
+                break
+            fresh = self.domain_items_flat[self.domain_start[dom] + (torch.rand(pos.shape, device=pos.device) * size).long()]
+            neg = torch.where(clash, fresh, neg)
+        return neg
+
+    def seq_loss(self, net, inputs, targets, target_ok, emb=None, context=None):
+        """BCE over positions whose target is real. ``net``: the backbone (or a functional copy)."""
+        h = net(inputs, item_emb=emb)
+        context = inputs if context is None else context
+        neg = self.sample_negatives(targets, torch.cat([context, targets], dim=1))
+        e = net.item_embedding
+        ps = (h * e(targets)).sum(-1)
+        ns = (h * e(neg)).sum(-1)
+        mask = (target_ok & (targets > 0)).float()
+        loss = F.softplus(-ps) + F.softplus(ns)  # = BCE with logits for labels 1 and 0
+        return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+    def calculate_loss(self, interaction, net=None):
+        net = self.backbone if net is None else net
+        seq = self.whole_sequence(interaction)
+        inputs, targets = seq[:, :-1], seq[:, 1:]
+        return self.seq_loss(net, inputs, targets, targets > 0)
+
+    # -- recall and insertion -------------------------------------------------------------
+    def user_domain(self, interaction):
+        """Domain code of a single-domain user's row (of its first item)."""
+        return self.item_domain[interaction[self.ITEM_SEQ][:, 0]]
+
+    def recall(self, interaction, with_grad=True):
+        """Recalled item ids [B, k] of the other domain and the pooled vectors g [B, H]."""
+        uid = interaction[self.USER_ID]
+        own = self.user_domain(interaction)
+        other = 1 - own
+        B = len(uid)
+        ids = torch.zeros(B, self.recall_k, dtype=torch.long, device=uid.device)
+        g_all = torch.zeros(B, self.hidden_size, device=uid.device)
+        idx = self.pseudo_index[uid]  # [B, K]
+        valid = idx > 0
+        for d in range(len(self.domain_names)):
+            rows = torch.nonzero(other == d).view(-1)
+            if len(rows) == 0:
+                continue
+            G = self.pseudo_emb[idx[rows]]  # [b, K, d_text]
+            Gp = G @ getattr(self, f"proj_{d}").t()  # [b, K, H]
+            if self.mode == "random_recall":
+                pick = torch.randint(0, len(getattr(self, f"recall_ids_{d}")), (len(rows), self.recall_k), device=uid.device)
+                ids[rows] = getattr(self, f"recall_ids_{d}")[pick]
+                continue
+            logits = self.poolers[d](Gp).squeeze(-1).masked_fill(~valid[rows], float("-inf"))
+            w = torch.softmax(logits, dim=-1)
+            w = torch.nan_to_num(w, nan=0.0)  # users without pseudo items: all masked
+            g = (w.unsqueeze(-1) * Gp).sum(1)
+            if not with_grad:
+                g = g.detach()
+            sims = F.normalize(g, dim=-1) @ getattr(self, f"recall_emb_{d}").t()
+            top = sims.topk(self.recall_k, dim=-1).indices
+            ids[rows] = getattr(self, f"recall_ids_{d}")[top]
+            g_all = g_all.index_put((rows,), g)
+        return ids, g_all
+
+    def augmented(self, interaction, net=None, with_grad=True):
+        """Inputs, targets, target mask and input embeddings of the augmented sequences."""
+        net = self.backbone if net is None else net
+        seq = self.whole_sequence(interaction)  # [B, L + 1]
+        B, S = seq.shape
+        k = self.recall_k
+        ids, g = self.recall(interaction, with_grad=with_grad)
+        real_len = (seq > 0).sum(1)  # history + target
+        # sort keys: real item j -> j; inserted item -> gap in [0, n] minus 0.5 (+ jitter)
+        dev = seq.device
+        real_key = torch.arange(S, device=dev).float().expand(B, S).clone()
+        real_key[seq == 0] = float("inf")
+        gap = torch.floor(torch.rand(B, k, device=dev) * (real_len.unsqueeze(1) + 1).float())
+        ins_key = gap - 0.5 + torch.rand(B, k, device=dev) * 1e-3
+        keys = torch.cat([real_key, ins_key], dim=1)
+        order = keys.argsort(dim=1, stable=True)
+        items = torch.cat([seq, ids], dim=1).gather(1, order)
+        inserted = torch.cat([torch.zeros_like(seq, dtype=torch.bool), torch.ones_like(ids, dtype=torch.bool)], 1).gather(1, order)
+        # keep the last L + 1 items, left-aligned
+        total = real_len + k
+        L1 = self.max_seq_length + 1
+        start = (total - L1).clamp(min=0)
+        col = start.unsqueeze(1) + torch.arange(L1, device=dev)
+        inside = col < total.unsqueeze(1)
+        col = col.clamp(max=items.size(1) - 1)
+        items = items.gather(1, col) * inside
+        inserted = inserted.gather(1, col) & inside
+        inputs, targets = items[:, :-1], items[:, 1:]
+        target_ok = ~inserted[:, 1:] & (targets > 0)
+        emb = net.item_embedding(inputs)
+        st = ((g - g.detach()) / k).unsqueeze(1)  # value 0; gradient: mean over the k insertions
+        emb = emb + st * inserted[:, :-1].unsqueeze(-1).float()
+        return inputs, targets, target_ok, emb, inserted[:, :-1]
+
+    def aug_loss(self, interaction, net=None, with_grad=True):
+        net = self.backbone if net is None else net
+        inputs, targets, ok, emb, _ = self.augmented(interaction, net, with_grad)
+        return self.seq_loss(net, inputs, targets, ok, emb=emb)
+
+    # -- scoring ----------------------------------------------------------------------
+    def _last_hidden(self, interaction):
+        h = self.backbone(interaction[self.ITEM_SEQ])
+        return self.gather_indexes(h, interaction[self.ITEM_SEQ_LEN] - 1)
+
+    def predict(self, interaction):
+        u = self._last_hidden(interaction)
+        return (u * self.backbone.item_embedding(interaction[self.ITEM_ID])).sum(-1)
+
+    def full_sort_predict(self, interaction):
+        return self._last_hidden(interaction) @ self.backbone.item_embedding.weight.t()

@@ -1,0 +1,141 @@
+"""LLMCDSRTrainer: the bilevel meta step (with ``higher``) and the main backbone step.
+
+Every training batch (``meta_interval`` = 1 in the paper):
+
+1. Meta step (every ``meta_interval`` batches, skipped in modes ``no_meta``,
+   ``random_recall`` and ``backbone_only``): a functional copy ("shadow") of the backbone
+   takes one differentiable inner step (``meta_inner_optimizer``: sgd or adam,
+   ``meta_inner_lr``) on the loss of [original batch + augmented batch of
+   ``aug_batch_size`` single-domain users built by the recall network]; the plain BCE loss
+   of the updated shadow on ``meta_batch_size`` overlapped users is back-propagated through
+   the inner step into the poolers, which Adam (``meta_lr``) updates. The backbone's own
+   weights are not changed by this step (``copy_initial_weights=True``).
+2. Main step: the backbone trains on [original batch + augmented batch] with the current
+   recall network (no gradient into the poolers).
+
+Inner Adam state: the shadow's Adam starts from the *backbone's own Adam state* (moments and
+step count of the optimiser that trains the backbone, which steps every batch), so the inner
+step is the step the backbone's optimiser would take. The public code builds the inner
+optimiser from a separate Adam that never steps, so each of its inner steps is a first Adam
+step (bias-corrected moments of a single gradient); ``meta_inner_optimizer: sgd`` avoids the
+question entirely.
+"""
+
+import higher
+import torch
+
+from recbole.data.dataloader import TrainDataLoader
+
+from recbole_cdsr.trainer.trainer import CDSRTrainer
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+class LLMCDSRTrainer(CDSRTrainer):
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.mode = model.mode
+        self.meta_interval = config["meta_interval"]
+        self.inner_kind = config["meta_inner_optimizer"]
+        if self.inner_kind not in ("sgd", "adam"):
+            raise ValueError(f"meta_inner_optimizer must be sgd or adam, got {self.inner_kind!r}")
+        self.inner_lr = config["meta_inner_lr"]
+        betas = tuple(config["adam_betas"])
+        self.optimizer = torch.optim.Adam(
+            model.backbone.parameters(), lr=config["learning_rate"], betas=betas, weight_decay=config["weight_decay"]
+        )
+        self.meta_optimizer = torch.optim.Adam(model.poolers.parameters(), lr=config["meta_lr"])
+        self.aug_batch_size = config["aug_batch_size"]
+        self.meta_batch_size = config["meta_batch_size"]
+        self.use_aug = self.mode != "backbone_only"
+        self.use_meta = self.mode == "full"
+        self._aug_iter = self._meta_iter = None
+        self.meta_steps = 0
+
+    # -- loaders of single-domain (augmentation) and overlapped (meta) users ----------------
+    def _make_loaders(self, train_data):
+        ds = train_data.dataset
+        seq = ds.inter_feat[ds.item_id_list_field]
+        dom = torch.as_tensor(ds.item_domain)[seq]  # [N, L], -1 at padding
+        has = [((dom == d) & (seq > 0)).any(1) for d in range(len(ds.domain_names))]
+        overlapped = has[0] & has[1]
+        if self.use_aug:
+            uid = ds.inter_feat[ds.uid_field]
+            with_pseudo = self.model.pseudo_index[uid.to(self.model.pseudo_index.device)][:, 0].cpu() > 0
+            single = ~overlapped & with_pseudo
+            rows = torch.nonzero(single).view(-1)
+            if len(rows) == 0:
+                raise ValueError("no single-domain training user has pseudo items: nothing to augment")
+            self._aug_iter = _cycle(self._loader(train_data, rows, self.aug_batch_size))
+        if self.use_meta:
+            rows = torch.nonzero(overlapped).view(-1)
+            if len(rows) == 0:
+                raise ValueError("the meta step needs overlapped training users; there are none")
+            self._meta_iter = _cycle(self._loader(train_data, rows, self.meta_batch_size))
+
+    def _loader(self, train_data, rows, batch_size):
+        sub = train_data.dataset.copy(train_data.dataset.inter_feat[rows])
+        cfg = train_data.config
+        loader = TrainDataLoader(cfg, sub, None, shuffle=True)
+        loader.set_batch_size(batch_size)
+        return loader
+
+    # -- steps ---------------------------------------------------------------------------
+    def meta_step(self, batch, aug_batch, meta_batch):
+        """One bilevel update of the poolers; returns the meta loss."""
+        model = self.model
+        override = {"lr": [self.inner_lr]}
+        if self.inner_kind == "sgd":
+            inner = torch.optim.SGD(model.backbone.parameters(), lr=self.inner_lr)
+        else:
+            inner = self.optimizer  # carries the backbone's Adam moments and step counts
+        self.meta_optimizer.zero_grad()
+        with higher.innerloop_ctx(model.backbone, inner, copy_initial_weights=True, override=override) as (fnet, diffopt):
+            loss = model.calculate_loss(batch, net=fnet) + model.aug_loss(aug_batch, net=fnet, with_grad=True)
+            diffopt.step(loss)
+            meta_loss = model.calculate_loss(meta_batch, net=fnet)
+            meta_loss.backward()
+        self.meta_optimizer.step()
+        # gradients of the meta loss never reach the backbone (its weights were copied);
+        # clear anything left so the main step starts clean
+        self.optimizer.zero_grad()
+        self.meta_steps += 1
+        return meta_loss.detach()
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if self._aug_iter is None and (self.use_aug or self.use_meta):
+            self._make_loaders(train_data)
+        self.model.train()
+        total = 0.0
+        n_batches = len(train_data)
+        if self.steps_per_epoch:
+            n_batches = min(n_batches, self.steps_per_epoch)
+        it = train_data
+        if show_progress:
+            from tqdm import tqdm
+
+            it = tqdm(train_data, total=n_batches, ncols=100, desc=f"Train {epoch_idx:>5}")
+        for step, batch in enumerate(it):
+            if step >= n_batches:
+                break
+            batch = batch.to(self.device)
+            aug = next(self._aug_iter).to(self.device) if self.use_aug else None
+            if self.use_meta and step % self.meta_interval == 0:
+                self.meta_step(batch, aug, next(self._meta_iter).to(self.device))
+            self.optimizer.zero_grad()
+            loss = self.model.calculate_loss(batch)
+            if aug is not None:
+                loss = loss + self.model.aug_loss(aug, with_grad=False)
+            self._check_nan(loss)
+            loss.backward()
+            if self.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.model.backbone.parameters(), **self.clip_grad_norm)
+            self.optimizer.step()
+            self.steps_done += 1
+            total += loss.item()
+        if show_progress:
+            it.close()
+        return total

@@ -1,0 +1,136 @@
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from recbole.utils import init_seed
+
+from recbole_cdsr.config import CDSRConfig
+from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset
+from recbole_cdsr.llm.encoders import read_item_titles
+from recbole_cdsr.llm.pseudo_items import write_pseudo_items
+from recbole_cdsr.llm.stage1 import read_training_sequences, stage1_inputs
+from recbole_cdsr.model.pretrain_ct import pretrain_dataset
+from recbole_cdsr.quick_start import run_recbole_cdsr
+from recbole_cdsr.trainer.llmcdsr import LLMCDSRTrainer
+
+from conftest import base_config
+
+
+class HashEncoder:
+    """Deterministic stand-in vectors (a test double for the text encoder's interface)."""
+
+    dim = 12
+
+    def identity(self):
+        return {"name": "hash-vectors-for-tests"}
+
+    def encode(self, texts):
+        out = [np.frombuffer(hashlib.sha256(t.encode()).digest()[: self.dim], dtype=np.uint8) for t in texts]
+        v = np.asarray(out, dtype=np.float32) / 255.0 - 0.5
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+side_info_expected = {}
+
+
+@pytest.fixture(scope="module")
+def side_info(slice_data):
+    d = os.path.join(slice_data, "fk-slice")
+    users, overlapped = stage1_inputs(d, "fk-slice")
+    # "generations": the other-domain titles of an overlapped user, one per single user
+    records = {}
+    for i, (u, dom, _) in enumerate(users):
+        names = overlapped[dom][i % len(overlapped[dom])][1][:6]
+        records[u] = {"user": u, "domain": dom, "status": "ok", "names": names}
+    enc = HashEncoder()
+    pseudo = write_pseudo_items(d, "fk-slice", records, enc, {"test": "synthetic"})
+    tokens, doms, _ = read_item_titles(os.path.join(d, "fk-slice.item"))
+    text = enc.encode([str(t) for t in tokens])
+    seqs = list(read_training_sequences(d, "fk-slice").values())
+    pretrain_dataset(d, "fk-slice", enc, seqs, tokens, doms, text,
+                     hp=dict(hidden_size=64, epochs=2, patience=1, batch_size=64))
+    tables = {}
+    for f in os.listdir(d):
+        if ".pretrain-" in f and f.endswith(".npz"):
+            tables[f.split(".pretrain-")[1][0]] = os.path.join(d, f)
+    side = {"pseudo_items": pseudo, "recall_tables": tables}
+    side_info_expected["users_with_pseudo"] = sum(1 for r in records.values() if len(r["names"]) > 2)
+    return side
+
+
+def _setup(tmp, slice_data, side_info, **kw):
+    cfg = CDSRConfig("LLMCDSR", "fk-slice", config_dict=base_config(
+        tmp, data_path=slice_data, eval_neg_num=50, train_batch_size=16, aug_batch_size=8,
+        meta_batch_size=16, **side_info, **kw))
+    init_seed(cfg["seed"], True)
+    ds = create_cdsr_dataset(cfg, cfg.model_class)
+    train, valid, test = cdsr_data_preparation(cfg, ds)
+    model = cfg.model_class(cfg, train.dataset)
+    return cfg, ds, (train, valid, test), model
+
+
+def test_sequence_view_and_side_information_loaded(tmp_path, slice_data, side_info):
+    cfg, ds, (train, _, _), model = _setup(str(tmp_path), slice_data, side_info)
+    assert ds.train_view == "sequence" and len(train.dataset) == 399  # one row per training user
+    assert ds.pseudo_items["index"].shape[1] == 20 and (ds.pseudo_items["count"] > 0).sum() == side_info_expected["users_with_pseudo"] > 200
+    assert set(ds.recall_tables) == {"A", "B"} and ds.recall_tables["A"]["proj"].shape == (64, 12)
+
+
+def test_meta_step_moves_only_the_poolers(tmp_path, slice_data, side_info):
+    cfg, ds, (train, _, _), model = _setup(str(tmp_path), slice_data, side_info)
+    trainer = LLMCDSRTrainer(cfg, model)
+    trainer._make_loaders(train)
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    poolers_before = [p.weight.clone() for p in model.poolers]
+    batch, aug, meta = next(iter(train)), next(trainer._aug_iter), next(trainer._meta_iter)
+    trainer.meta_step(batch, aug, meta)
+    grads = [p.weight.grad for p in model.poolers]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)  # second-order signal reached both
+    assert all(not torch.equal(p.weight, b) for p, b in zip(model.poolers, poolers_before))
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, backbone_before[k]), k
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.backbone.parameters())
+
+
+def test_inserted_items_are_context_only(tmp_path, slice_data, side_info):
+    cfg, ds, (train, _, _), model = _setup(str(tmp_path), slice_data, side_info)
+    trainer = LLMCDSRTrainer(cfg, model)
+    trainer._make_loaders(train)
+    aug = next(trainer._aug_iter)
+    inputs, targets, ok, emb, inserted_in = model.augmented(aug)
+    assert inputs.shape[1] == cfg["MAX_ITEM_LIST_LENGTH"] and emb.shape[:2] == inputs.shape
+    seq = model.whole_sequence(aug)
+    own = set(seq[seq > 0].tolist())
+    dom = torch.as_tensor(ds.item_domain)
+    user_dom = dom[seq[:, 0]]
+    # every inserted input is of the other domain; targets the loss uses are never inserted
+    ins_items = inputs[inserted_in]
+    assert len(ins_items) > 0 and (dom[ins_items] != user_dom.repeat_interleave(inserted_in.sum(1))).all()
+    used_targets = targets[ok]
+    assert (dom[used_targets] == user_dom.repeat_interleave(ok.sum(1))).all()
+    assert set(used_targets.tolist()) <= own
+    real = (seq > 0).sum(1)
+    assert (ok.sum(1) <= real).all()  # a real first item becomes a target only after inserted context
+    # the real items keep their order
+    for b in range(len(seq)):
+        kept = [x for x, i in zip(torch.cat([inputs[b], targets[b, -1:]]).tolist(),
+                                  torch.cat([inserted_in[b], torch.tensor([False])]).tolist()) if x and not i]
+        full = [x for x in seq[b].tolist() if x]
+        assert kept == full[-len(kept):]
+
+
+def test_same_seed_same_metrics_and_modes(tmp_path, slice_data, side_info):
+    def short(tag, **kw):
+        cfg = base_config(str(tmp_path / tag), data_path=slice_data, epochs=1, steps_per_epoch=3,
+                          train_batch_size=16, aug_batch_size=8, meta_batch_size=16, eval_neg_num=50,
+                          **side_info, **kw)
+        return run_recbole_cdsr("LLMCDSR", "fk-slice", config_dict=cfg, saved=False, verbose=False)
+
+    a, b = short("a"), short("b")
+    assert a["test_result"] == b["test_result"]
+    for mode in ("backbone_only", "random_recall", "no_meta"):
+        r = short(mode, llmcdsr_mode=mode)["test_result"]
+        assert 0 <= r["A/hit@10"] <= 1 and 0 <= r["full:B/ndcg@10"] <= 1
