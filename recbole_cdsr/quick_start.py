@@ -102,6 +102,14 @@ def run_recbole_cdsr(
     logger.info(config)
 
     t0 = time()
+    stages = None
+    prepare = getattr(config.model_class, "prepare_stages", None)
+    if prepare is not None:
+        updates, stages = prepare(config)
+        for k, v in updates.items():
+            config[k] = v
+    stage_seconds = time() - t0
+    t0 = time()
     ds = create_cdsr_dataset(config, config.model_class)
     logger.info(ds)
     train_data, valid_data, test_data = cdsr_data_preparation(config, ds)
@@ -142,7 +150,9 @@ def run_recbole_cdsr(
             "test": {n: int((test_data.target_domain == d).sum()) for d, n in enumerate(ds.domain_names)},
         },
         "num_parameters": int(sum(p.numel() for p in net.parameters())),
+        "stages": stages,
         "timing": {
+            "stage_seconds": stage_seconds,
             "data_seconds": data_seconds,
             "train_epoch_seconds": trainer.train_epoch_times,
             "valid_eval_seconds": trainer.eval_times,

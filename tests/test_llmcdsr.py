@@ -50,12 +50,9 @@ def side_info(slice_data):
     tokens, doms, _ = read_item_titles(os.path.join(d, "fk-slice.item"))
     text = enc.encode([str(t) for t in tokens])
     seqs = list(read_training_sequences(d, "fk-slice").values())
-    pretrain_dataset(d, "fk-slice", enc, seqs, tokens, doms, text,
-                     hp=dict(hidden_size=64, epochs=2, patience=1, batch_size=64))
-    tables = {}
-    for f in os.listdir(d):
-        if ".pretrain-" in f and f.endswith(".npz"):
-            tables[f.split(".pretrain-")[1][0]] = os.path.join(d, f)
+    out = pretrain_dataset(d, "fk-slice", enc, seqs, tokens, doms, text,
+                           hp=dict(hidden_size=64, epochs=2, patience=1, batch_size=64))
+    tables = {dom: v["path"] for dom, v in out.items()}
     side = {"pseudo_items": pseudo, "recall_tables": tables}
     side_info_expected["users_with_pseudo"] = sum(1 for r in records.values() if len(r["names"]) > 2)
     return side
@@ -134,3 +131,29 @@ def test_same_seed_same_metrics_and_modes(tmp_path, slice_data, side_info):
     for mode in ("backbone_only", "random_recall", "no_meta"):
         r = short(mode, llmcdsr_mode=mode)["test_result"]
         assert 0 <= r["A/hit@10"] <= 1 and 0 <= r["full:B/ndcg@10"] <= 1
+
+
+def test_one_command_runs_all_stages_and_caches_them(tmp_path, slice_data, capsys):
+    import json
+    import shutil
+
+    import run_recbole_cdsr
+
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(slice_data, "fk-slice"), data / "fk-slice",
+                    ignore=shutil.ignore_patterns("*.pseudo-*", "*.pretrain-*", "*.gen-*"))
+    args = ["--model=LLMCDSR", "--dataset=fk-slice", f"--data_path={data}", f"--checkpoint_dir={tmp_path / 's'}",
+            f"--results_dir={tmp_path / 'r'}", "--epochs=1", "--steps_per_epoch=2", "--train_batch_size=16",
+            "--aug_batch_size=8", "--meta_batch_size=16", "--eval_neg_num=50", "--pretrain_epochs=1",
+            "--show_progress=False", "--state=WARNING"]
+    assert run_recbole_cdsr.main(args) == 0
+    files = os.listdir(data / "fk-slice")
+    assert any(".gen-" in f for f in files) and any(".pseudo-" in f for f in files)
+    assert sum(".pretrain-" in f and f.endswith(".npz") for f in files) == 2
+    res = json.loads(open(os.path.join(tmp_path / "r", os.listdir(tmp_path / "r")[0])).read())
+    assert res["stages"]["generator"] == "retrieval" and "NOT an LLM" in res["stages"]["stage1"]["note"]
+    assert res["train_view"] == "sequence" and 0 <= res["test"]["sampled"]["A/hit@10"] <= 1
+    stamps = {f: os.path.getmtime(data / "fk-slice" / f) for f in os.listdir(data / "fk-slice")
+              if any(x in f for x in (".gen-", ".pseudo-", ".pretrain-", ".textemb-"))}
+    assert run_recbole_cdsr.main(args) == 0  # second run: every stage reused
+    assert stamps == {f: os.path.getmtime(data / "fk-slice" / f) for f in stamps}

@@ -183,6 +183,8 @@ class GenerationJob:
         wanted = {r["user"] for r in requests}
         out = {u: recs[u] for u in wanted if u in recs}
         failed = sum(1 for r in out.values() if r["status"] != "ok")
+        if not todo and os.path.isfile(self.manifest):
+            return out  # nothing ran: the manifest already describes these records
         atomic_write_json(
             self.manifest,
             {

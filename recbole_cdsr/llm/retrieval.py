@@ -16,15 +16,18 @@ from recbole_cdsr.llm.backends import Completion
 class RetrievalBackend:
     is_llm = False
 
-    def __init__(self, encoder, overlapped, neighbours=3, max_names=20):
+    def __init__(self, encoder, overlapped, neighbours=3, max_names=20, title_vectors=None):
         """
         Args:
             encoder: a :class:`~recbole_cdsr.llm.encoders.TextEncoder`.
             overlapped: ``{D: [(D titles, D' titles), ...]}`` of overlapped training users.
             neighbours (int): overlapped users whose D' titles are taken.
             max_names (int): at most this many names per answer.
+            title_vectors (dict): title -> vector already computed with ``encoder`` (the
+                cached item-title embeddings); other titles are encoded on the fly.
         """
         self.encoder = encoder
+        self.title_vectors = title_vectors or {}
         self.neighbours = int(neighbours)
         self.max_names = int(max_names)
         self.pool = {}
@@ -46,7 +49,7 @@ class RetrievalBackend:
         flat = [t for ts in title_lists for t in ts]
         if not flat:
             return np.zeros((0, self.encoder.dim), dtype=np.float32)
-        emb = self.encoder.encode(flat)
+        emb = encode_with_cache(self.encoder, flat, self.title_vectors)
         out = np.zeros((len(title_lists), emb.shape[1]), dtype=np.float32)
         pos = 0
         for i, ts in enumerate(title_lists):
@@ -74,3 +77,23 @@ class RetrievalBackend:
 
     def generate(self, prompts):
         raise TypeError("the retrieval stand-in answers requests with titles, not prompts")
+
+
+def encode_with_cache(encoder, texts, known):
+    """``encoder.encode(texts)``, taking vectors of texts in ``known`` from there."""
+    missing = sorted({t for t in texts if t not in known})
+    fresh = dict(zip(missing, encoder.encode(missing))) if missing else {}
+    return np.asarray([known[t] if t in known else fresh[t] for t in texts], dtype=np.float32)
+
+
+class CachedEncoder:
+    """An encoder that reuses known vectors (same identity as the wrapped encoder)."""
+
+    def __init__(self, encoder, known):
+        self.encoder, self.known, self.dim = encoder, known, encoder.dim
+
+    def identity(self):
+        return self.encoder.identity()
+
+    def encode(self, texts, show_progress=False):
+        return encode_with_cache(self.encoder, list(texts), self.known)

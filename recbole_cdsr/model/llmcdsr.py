@@ -85,6 +85,13 @@ class LLMCDSR(SequentialRecommender):
                 self.register_buffer(f"recall_emb_{d}", F.normalize(t["item_emb"].float(), dim=-1), persistent=False)
                 self.register_buffer(f"recall_ids_{d}", t["item_ids"].long(), persistent=False)
 
+    @staticmethod
+    def prepare_stages(config):
+        """Stages 1 and 2 (cached); returns config updates and a record for the results file."""
+        from recbole_cdsr.stages import prepare_llmcdsr
+
+        return prepare_llmcdsr(config)
+
     # -- sequences --------------------------------------------------------------------
     def whole_sequence(self, interaction):
         """[B, L + 1]: history then target, left-aligned (0 = padding)."""

@@ -205,7 +205,7 @@ def pretrain_dataset(dataset_dir, name, encoder, train_seqs, item_tokens, item_d
                 m = json.load(f)
             if m.get("identity") == ident and m.get("npz_sha256") == sha256_file(npz):
                 with np.load(npz, allow_pickle=False) as z:
-                    out[dom] = {"item_emb": z["item_emb"], "proj": z["proj"], "item_tokens": toks}
+                    out[dom] = {"item_emb": z["item_emb"], "proj": z["proj"], "item_tokens": toks, "path": npz}
                 continue
         index = {t: i + 1 for i, t in enumerate(toks)}
         seqs = domain_sequences(train_seqs, item_domain, index, dom)
@@ -219,5 +219,5 @@ def pretrain_dataset(dataset_dir, name, encoder, train_seqs, item_tokens, item_d
             "valid_hit@10": res["valid_hit@10"], "epoch_seconds": res["epoch_seconds"],
             "npz_sha256": sha256_file(npz),
         })
-        out[dom] = {"item_emb": res["item_emb"], "proj": res["proj"], "item_tokens": toks}
+        out[dom] = {"item_emb": res["item_emb"], "proj": res["proj"], "item_tokens": toks, "path": npz}
     return out

@@ -1,0 +1,163 @@
+"""The stages that run before an LLM-enhanced model trains (called by ``run_recbole_cdsr``).
+
+LLMCDSR: stage 1 (generation -> pseudo items) and stage 2 (collaborative-textual
+pre-training), each cached next to the dataset and skipped when its inputs are unchanged.
+Returns config updates (``pseudo_items``, ``recall_tables``) and a record for the results
+file. ``generator`` picks stage 1's source:
+
+``retrieval``  the documented no-LLM stand-in (loudly reported as such);
+``hf``         a local transformers causal LM (``llm_model_path``);
+``openai``     an OpenAI-compatible server (``llm_base_url``, ``llm_model``);
+``import``     the paper's released generation embeddings (``import_path``).
+"""
+
+import hashlib
+import io
+import json
+import logging
+import os
+
+import numpy as np
+
+from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_file
+
+logger = logging.getLogger(__name__)
+
+GENERATORS = ("retrieval", "hf", "openai", "import")
+
+
+def _backend(config, encoder, overlapped, title_vectors):
+    from recbole_cdsr.llm.backends import HFBackend, OpenAIBackend
+    from recbole_cdsr.llm.retrieval import RetrievalBackend
+
+    gen = config["generator"]
+    if gen == "retrieval":
+        return RetrievalBackend(encoder, overlapped, config["retrieval_neighbours"], config["llm_max_names"],
+                                title_vectors=title_vectors)
+    if gen == "hf":
+        if not config["llm_model_path"]:
+            raise ValueError("generator: hf needs llm_model_path (a local transformers model folder)")
+        return HFBackend(config["llm_model_path"], device=str(config["device"]), batch_size=config["llm_batch_size"],
+                         max_new_tokens=config["llm_max_new_tokens"], seed=config["generation_seed"])
+    if gen == "openai":
+        return OpenAIBackend(config["llm_base_url"], config["llm_model"], api_key_env=config["llm_api_key_env"],
+                             chat=config["llm_chat"], max_tokens=config["llm_max_new_tokens"],
+                             timeout=config["llm_timeout"], max_retries=config["llm_max_retries"],
+                             concurrency=config["llm_concurrency"], seed=config["generation_seed"])
+    raise ValueError(f"generator must be one of {', '.join(GENERATORS)}, got {gen!r}")
+
+
+def _import_pseudo(config, dataset_dir, name, users):
+    """Pseudo items from the paper's released ``<dataset>_generation_jina.pkl``."""
+    from recbole_cdsr.llm.import_release import read_generation_embeddings
+
+    path = config["import_path"]
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"generator: import needs import_path (the released generation pickle), got {path!r}")
+    gens = read_generation_embeddings(path)
+    ident = {"generator": "import", "source_sha256": sha256_file(path)}
+    tag = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    out = os.path.join(dataset_dir, f"{name}.pseudo-{tag}.npz")
+    if os.path.isfile(out):
+        return out, ident
+    # release user ids restart per domain file: single-A user 5 is token A_5
+    u_tok, doms, offsets, index, rows = [], [], [0], [], []
+    for (dom, uid), arr in sorted(gens.items()):
+        tok = f"{dom}_{uid}"
+        if tok not in users or len(arr) <= 2:
+            continue
+        u_tok.append(tok)
+        doms.append(dom)
+        index.extend(range(len(rows), len(rows) + len(arr)))
+        rows.extend(arr)
+        offsets.append(len(index))
+    buf = io.BytesIO()
+    emb = np.asarray(rows, dtype=np.float32)
+    np.savez(buf, users=np.asarray(u_tok, dtype=str), domains=np.asarray(doms, dtype=str),
+             offsets=np.asarray(offsets, dtype=np.int64), index=np.asarray(index, dtype=np.int32),
+             names=np.asarray([""] * len(rows), dtype=str), emb=emb)
+    atomic_write_bytes(out, buf.getvalue())
+    atomic_write_json(out[:-4] + ".json", {"identity": ident, "users": len(u_tok), "npz_sha256": sha256_file(out)})
+    return out, ident
+
+
+def prepare_llmcdsr(config):
+    """Run (or reuse) stages 1 and 2 for ``config``'s dataset; returns (updates, record)."""
+    from recbole_cdsr.data.utils import ensure_atomic_files
+    from recbole_cdsr.llm.encoders import TextEncoder, item_text_embeddings, read_item_titles
+    from recbole_cdsr.llm.generation import GenerationJob
+    from recbole_cdsr.llm.retrieval import CachedEncoder
+    from recbole_cdsr.llm.stage1 import read_training_sequences, stage1_requests
+    from recbole_cdsr.model.pretrain_ct import pretrain_dataset
+
+    if config["llmcdsr_mode"] == "backbone_only":
+        return {}, {"stages": "skipped (backbone_only)"}
+    ensure_atomic_files(config)
+    name = config["dataset"]
+    d = config["data_path"]
+    dev = str(config["device"])
+    encoder = TextEncoder(config["text_encoder"], device=dev)
+    tokens, domains, emb = item_text_embeddings(d, name, encoder)
+    _, _, titles = read_item_titles(os.path.join(d, f"{name}.item"))
+    known = {t: v for t, v in zip(titles, emb)}
+    record = {"generator": config["generator"], "text_encoder": encoder.identity()}
+
+    gen = config["generator"]
+    if gen == "import":
+        users = set(read_training_sequences(d, name))
+        pseudo, ident = _import_pseudo(config, d, name, users)
+        record["stage1"] = ident
+    else:
+        if gen == "retrieval":
+            logger.warning(
+                "LLMCDSR stage 1 uses the RETRIEVAL STAND-IN, NOT AN LLM: pseudo items are the "
+                "other-domain titles of the nearest overlapped users. Configure generator: hf "
+                "or generator: openai for the method as published."
+            )
+        reqs, overlapped = stage1_requests(d, name, config["shot"], config["generation_seed"],
+                                           with_prompts=gen != "retrieval")
+        backend = _backend(config, encoder, overlapped, known)
+        job = GenerationJob(d, name, backend, parser=config["llm_parser"],
+                            settings={"shot": config["shot"], "seed": config["generation_seed"]},
+                            batch_size=config["llm_batch_size"] if gen != "openai" else 4 * config["llm_concurrency"],
+                            show_progress=config["show_progress"])
+        records = job.run(reqs)
+        failed = sum(1 for r in records.values() if r["status"] != "ok")
+        with open(job.manifest) as f:
+            gen_manifest = json.load(f)
+        gen_manifest["records_sha256"] = hashlib.sha256(
+            json.dumps(sorted((u, r["status"], r["names"]) for u, r in records.items())).encode()
+        ).hexdigest()
+        pseudo = _cached_pseudo(d, name, records, CachedEncoder(encoder, known), gen_manifest)
+        record["stage1"] = {"manifest": gen_manifest, "failed_users": failed,
+                            "note": "NOT an LLM: retrieval stand-in" if gen == "retrieval" else "LLM generation"}
+    seqs = list(read_training_sequences(d, name).values())
+    hp = {
+        "hidden_size": config["hidden_size"], "n_layers": config["n_layers"], "n_heads": config["n_heads"],
+        "inner_size": config["inner_size"], "dropout": config["hidden_dropout_prob"],
+        "max_len": config["MAX_ITEM_LIST_LENGTH"], "epochs": config["pretrain_epochs"],
+        "patience": config["pretrain_patience"], "batch_size": config["pretrain_batch_size"],
+        "infonce_weight": config["infonce_weight"], "tau": config["infonce_tau"], "seed": config["seed"],
+    }
+    out = pretrain_dataset(d, name, encoder, seqs, tokens, domains, emb, hp=hp, device=dev,
+                           log=lambda m: logger.info(m))
+    tables = {dom: v["path"] for dom, v in out.items()}
+    record["stage2"] = {"files": tables, "hyper_parameters": hp}
+    return {"pseudo_items": pseudo, "recall_tables": tables}, record
+
+
+def _cached_pseudo(d, name, records, encoder, gen_manifest):
+    from recbole_cdsr.llm.pseudo_items import write_pseudo_items
+
+    ident = {"format_version": 1, "generation": gen_manifest["records_sha256"], "encoder": encoder.identity()}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    pointer = os.path.join(d, f"{name}.pseudo-latest-{key}.json")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            p = json.load(f)["npz"]
+        if os.path.isfile(os.path.join(d, p)):
+            return os.path.join(d, p)
+    path = write_pseudo_items(d, name, records, encoder, {"records_sha256": gen_manifest["records_sha256"],
+                                                         "identity": gen_manifest["identity"]})
+    atomic_write_json(pointer, {"npz": os.path.basename(path)})
+    return path
