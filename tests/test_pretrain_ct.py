@@ -26,7 +26,11 @@ def test_both_losses_reach_the_projection_and_embeddings():
 
 
 def test_pretrain_learns_and_is_cached(tmp_path, slice_data):
-    d = os.path.join(slice_data, "fk-slice")
+    import shutil
+
+    d = str(tmp_path / "fk-slice")  # a private copy: other tests write their own stage files
+    shutil.copytree(os.path.join(slice_data, "fk-slice"), d,
+                    ignore=shutil.ignore_patterns("*.pretrain-*", "*.pseudo-*", "*.gen-*"))
     tokens, doms, _ = read_item_titles(os.path.join(d, "fk-slice.item"))
     seqs = list(read_training_sequences(d, "fk-slice").values())
     rng = np.random.default_rng(0)
