@@ -198,3 +198,27 @@ def format_results_table(results, metrics=("hit", "ndcg", "mrr"), topk=(1, 3, 5,
                 f"{p:<8} {d:<8} " + " ".join(f"{v:>8.4f}" if v is not None else f"{'-':>8}" for v in vals)
             )
     return "\n".join(lines)
+
+
+def load_data_and_model(model_file):
+    """Rebuild config, data and model from a checkpoint written by ``CDSRTrainer``.
+
+    Returns ``(config, model, dataset, train_data, valid_data, test_data)`` like RecBole's
+    function of the same name. The checkpoint holds only tensors and plain values, so it is
+    read with ``torch.load(weights_only=True)``.
+    """
+    ckpt = torch.load(model_file, map_location="cpu", weights_only=True)
+    stored = ckpt["config"]
+    keep = {k: v for k, v in stored.items() if k not in ("device", "model", "dataset", "MODEL_TYPE",
+                                                          "MODEL_INPUT_TYPE", "eval_type", "data_path",
+                                                          "train_neg_sample_args", "valid_neg_sample_args",
+                                                          "test_neg_sample_args", "single_spec", "local_rank")}
+    keep["data_path"] = os.path.dirname(os.path.normpath(stored["data_path"]))
+    config = CDSRConfig(stored["model"], stored["dataset"], config_dict=keep)
+    init_seed(config["seed"], config["reproducibility"])
+    ds = create_cdsr_dataset(config, config.model_class)
+    train_data, valid_data, test_data = cdsr_data_preparation(config, ds)
+    model = config.model_class(config, train_data._dataset).to(config["device"])
+    disable_anomaly_detection()
+    model.load_state_dict(ckpt["state_dict"])
+    return config, model, ds, train_data, valid_data, test_data

@@ -128,3 +128,16 @@ def test_cli_unknown_model_is_one_clear_error(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "unknown model 'SASRecc'" in err and "GRU4Rec" in err
+
+
+def test_load_data_and_model_from_checkpoint(tmp_path, slice_data):
+    from recbole_cdsr.quick_start import load_data_and_model
+    from recbole_cdsr.trainer.trainer import CDSRTrainer
+
+    cfg = base_config(str(tmp_path), data_path=slice_data, epochs=1, steps_per_epoch=2, train_batch_size=32,
+                      eval_neg_num=50, model_selection="joint")
+    out = run("GRU4Rec", "fk-slice", config_dict=cfg, verbose=False)
+    ckpt = out["results"]["selection"]["checkpoints"]["joint"]
+    config, model, ds, train, valid, test = load_data_and_model(ckpt)
+    res = CDSRTrainer(config, model).evaluate(test, load_best_model=False)
+    assert res == out["test_result"]
