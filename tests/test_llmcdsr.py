@@ -157,3 +157,28 @@ def test_one_command_runs_all_stages_and_caches_them(tmp_path, slice_data, capsy
               if any(x in f for x in (".gen-", ".pseudo-", ".pretrain-", ".textemb-"))}
     assert run_recbole_cdsr.main(args) == 0  # second run: every stage reused
     assert stamps == {f: os.path.getmtime(data / "fk-slice" / f) for f in stamps}
+
+
+@pytest.mark.parametrize("inner", ["adam", "sgd"])
+def test_split_meta_gradient_equals_the_full_second_order_one(tmp_path, slice_data, side_info, inner):
+    import higher
+
+    cfg, ds, (train, _, _), model = _setup(str(tmp_path), slice_data, side_info, meta_inner_optimizer=inner)
+    trainer = LLMCDSRTrainer(cfg, model)
+    trainer._make_loaders(train)
+    batch, aug, meta = next(iter(train)), next(trainer._aug_iter), next(trainer._meta_iter)
+    for p in model.poolers:  # away from the symmetric zero start
+        torch.nn.init.normal_(p.weight, std=0.5)
+    opt = trainer.optimizer if inner == "adam" else torch.optim.SGD(model.backbone.parameters(), lr=cfg["meta_inner_lr"])
+    torch.manual_seed(5)
+    with higher.innerloop_ctx(model.backbone, opt, copy_initial_weights=True,
+                              override={"lr": [cfg["meta_inner_lr"]]}) as (fnet, diffopt):
+        loss = model.calculate_loss(batch, net=fnet) + model.aug_loss(aug, net=fnet)
+        diffopt.step(loss)
+        model.calculate_loss(meta, net=fnet).backward()
+    reference = [p.weight.grad.clone() for p in model.poolers]
+    torch.manual_seed(5)
+    trainer.meta_step(batch, aug, meta)
+    for p, r in zip(model.poolers, reference):
+        assert r.abs().sum() > 0
+        assert torch.allclose(p.weight.grad, r, rtol=1e-4, atol=1e-7)

@@ -29,6 +29,13 @@ from recbole.data.dataloader import TrainDataLoader
 from recbole_cdsr.trainer.trainer import CDSRTrainer
 
 
+def _add_grads(grads, extra):
+    out = []
+    for g, e in zip(grads, extra):
+        out.append(e if g is None else (g if e is None else g + e))
+    return out
+
+
 def _cycle(loader):
     while True:
         yield from loader
@@ -85,7 +92,17 @@ class LLMCDSRTrainer(CDSRTrainer):
 
     # -- steps ---------------------------------------------------------------------------
     def meta_step(self, batch, aug_batch, meta_batch):
-        """One bilevel update of the poolers; returns the meta loss."""
+        """One bilevel update of the poolers.
+
+        The inner loss is L_orig(theta) + L_aug(theta, poolers). Only L_aug depends on the
+        poolers, so only its gradient is taken with a graph (``create_graph``); the gradient
+        of L_orig is added as a constant through higher's ``grad_callback``. The shadow's
+        update and the meta-gradient are exactly those of differentiating the whole inner
+        loss, at a fraction of the cost (the second-order graph covers the aug batch only).
+
+        Returns ``(L_orig, grad of L_orig)`` at the current backbone weights, which the main
+        step reuses (same weights, same batch).
+        """
         model = self.model
         override = {"lr": [self.inner_lr]}
         if self.inner_kind == "sgd":
@@ -94,16 +111,19 @@ class LLMCDSRTrainer(CDSRTrainer):
             inner = self.optimizer  # carries the backbone's Adam moments and step counts
         self.meta_optimizer.zero_grad()
         with higher.innerloop_ctx(model.backbone, inner, copy_initial_weights=True, override=override) as (fnet, diffopt):
-            loss = model.calculate_loss(batch, net=fnet) + model.aug_loss(aug_batch, net=fnet, with_grad=True)
-            diffopt.step(loss)
+            params = list(fnet.fast_params)
+            loss_orig = model.calculate_loss(batch, net=fnet)
+            g_orig = torch.autograd.grad(loss_orig, params, allow_unused=True)
+            g_orig = [None if g is None else g.detach() for g in g_orig]
+            loss_aug = model.aug_loss(aug_batch, net=fnet, with_grad=True)
+            diffopt.step(loss_aug, grad_callback=lambda grads: _add_grads(grads, g_orig))
             meta_loss = model.calculate_loss(meta_batch, net=fnet)
             meta_loss.backward()
         self.meta_optimizer.step()
-        # gradients of the meta loss never reach the backbone (its weights were copied);
-        # clear anything left so the main step starts clean
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad()  # the meta loss never reaches the backbone's own weights
         self.meta_steps += 1
-        return meta_loss.detach()
+        self.last_meta_loss = meta_loss.item()
+        return loss_orig.detach(), g_orig
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if self._aug_iter is None and (self.use_aug or self.use_meta):
@@ -123,14 +143,26 @@ class LLMCDSRTrainer(CDSRTrainer):
                 break
             batch = batch.to(self.device)
             aug = next(self._aug_iter).to(self.device) if self.use_aug else None
+            reuse = None
             if self.use_meta and step % self.meta_interval == 0:
-                self.meta_step(batch, aug, next(self._meta_iter).to(self.device))
+                reuse = self.meta_step(batch, aug, next(self._meta_iter).to(self.device))
             self.optimizer.zero_grad()
-            loss = self.model.calculate_loss(batch)
-            if aug is not None:
-                loss = loss + self.model.aug_loss(aug, with_grad=False)
-            self._check_nan(loss)
-            loss.backward()
+            if reuse is None:
+                loss = self.model.calculate_loss(batch)
+                if aug is not None:
+                    loss = loss + self.model.aug_loss(aug, with_grad=False)
+                self._check_nan(loss)
+                loss.backward()
+            else:
+                # main step: grad of L_orig at these weights was computed in the meta step
+                loss_orig, g_orig = reuse
+                loss_aug = self.model.aug_loss(aug, with_grad=False)
+                self._check_nan(loss_aug)
+                loss_aug.backward()
+                for p, g in zip(self.model.backbone.parameters(), g_orig):
+                    if g is not None:
+                        p.grad = g.clone() if p.grad is None else p.grad + g
+                loss = loss_orig + loss_aug.detach()
             if self.clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.model.backbone.parameters(), **self.clip_grad_norm)
             self.optimizer.step()
