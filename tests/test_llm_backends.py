@@ -150,22 +150,45 @@ def test_prompt_shape_and_seeded_examples():
     assert r1[0]["prompt"].count("### Example") == 3
 
 
-def _tiny_causal_lm(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+ANSWERS = {
+    "tea coffee": "1. Cast Iron Skillet\n2. Chef Knife\n3. Cutting Board\n",
+    "knife pan pot": "1. Green Tea\n2. Dark Roast Coffee\n3. Honey\n4. Oat Biscuits\n",
+}
+
+
+def _prompt(titles):
+    return build_prompt("Recommend kitchen or food items.", [(["tea"], ["kettle"])], titles.split())
+
+
+def _tiny_causal_lm(path, train_steps=0):
+    """A 1-layer GPT-2 and a word-level tokenizer (newlines are tokens) built here, no hub.
+    With ``train_steps`` it is fitted to answer the two prompts of ``ANSWERS``."""
+    import torch
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|[^ \n]+"), behavior="removed", invert=True)
+    pairs = [(_prompt(k), v) for k, v in ANSWERS.items()]
     corpus = [GOOD, "Input: Output: ### Example Response 1 2 3 . - tea coffee knife pan"]
+    corpus += [p + a for p, a in pairs]
     tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
     fast.save_pretrained(path)
     cfg = GPT2Config(vocab_size=len(fast), n_positions=256, n_embd=32, n_layer=1, n_head=2,
                      bos_token_id=2, eos_token_id=2, pad_token_id=1)
-    import torch
-
     torch.manual_seed(0)
-    GPT2LMHeadModel(cfg).save_pretrained(path)
+    model = GPT2LMHeadModel(cfg)
+    if train_steps:
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        seqs = [torch.tensor(fast(p + a)["input_ids"] + [fast.eos_token_id]) for p, a in pairs]
+        model.train()
+        for _ in range(train_steps):
+            for ids in seqs:
+                opt.zero_grad()
+                model(ids.unsqueeze(0), labels=ids.unsqueeze(0)).loss.backward()
+                opt.step()
+    model.save_pretrained(path)
     return path
 
 
@@ -181,6 +204,33 @@ def test_hf_backend_generates_with_a_local_tiny_model(tmp_path):
     assert recs["A_1"]["status"] == "ok" and isinstance(recs["A_1"]["raw"], str)
     with pytest.raises(BackendError, match="not a folder"):
         HFBackend(str(tmp_path / "missing"))
+
+
+def test_hf_pipeline_generates_parses_and_embeds(tmp_path):
+    """Stage 1 end to end with a local causal LM: prompts -> batched generation (left
+    padding, prompts of different lengths) -> regex parser -> MiniLM embeddings -> the
+    pseudo-item file the dataset loads."""
+    import numpy as np
+
+    from recbole_cdsr.llm.encoders import TextEncoder
+    from recbole_cdsr.llm.pseudo_items import load_pseudo_items, write_pseudo_items
+
+    path = _tiny_causal_lm(str(tmp_path / "tiny-lm"), train_steps=200)
+    backend = HFBackend(path, batch_size=2, max_new_tokens=24)
+    reqs = [{"user": "A_1", "domain": "A", "prompt": _prompt("tea coffee")},
+            {"user": "B_1", "domain": "B", "prompt": _prompt("knife pan pot")}]
+    job = GenerationJob(str(tmp_path), "toy", backend, settings={"seed": 0}, show_progress=False)
+    recs = job.run(reqs)
+    assert recs["A_1"]["names"] == ["Cast Iron Skillet", "Chef Knife", "Cutting Board"]
+    assert recs["B_1"]["names"] == ["Green Tea", "Dark Roast Coffee", "Honey", "Oat Biscuits"]
+    assert job.identity["backend"]["backend"] == "hf"
+    enc = TextEncoder()
+    npz = write_pseudo_items(str(tmp_path), "toy", recs, enc, {"jsonl": job.jsonl})
+    loaded = load_pseudo_items(npz, {"A_1": 1, "B_1": 2}, n_users=3, max_per_user=20)
+    assert loaded["count"].tolist() == [0, 3, 4]
+    rows = loaded["index"][2, :4]
+    want = enc.encode(["Green Tea", "Dark Roast Coffee", "Honey", "Oat Biscuits"])
+    np.testing.assert_allclose(loaded["emb"][rows].numpy(), want, atol=1e-5)
 
 
 def test_retrieval_stand_in_on_real_slice(tmp_path, fk_data):
