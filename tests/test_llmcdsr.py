@@ -166,7 +166,12 @@ def test_split_meta_gradient_equals_the_full_second_order_one(tmp_path, slice_da
     cfg, ds, (train, _, _), model = _setup(str(tmp_path), slice_data, side_info, meta_inner_optimizer=inner)
     trainer = LLMCDSRTrainer(cfg, model)
     trainer._make_loaders(train)
-    batch, aug, meta = next(iter(train)), next(trainer._aug_iter), next(trainer._meta_iter)
+    loader = iter(train)
+    for _ in range(2):  # the backbone's Adam has moments and a step count (carried into the inner step)
+        trainer.optimizer.zero_grad()
+        model.calculate_loss(next(loader)).backward()
+        trainer.optimizer.step()
+    batch, aug, meta = next(loader), next(trainer._aug_iter), next(trainer._meta_iter)
     for p in model.poolers:  # away from the symmetric zero start
         torch.nn.init.normal_(p.weight, std=0.5)
     opt = trainer.optimizer if inner == "adam" else torch.optim.SGD(model.backbone.parameters(), lr=cfg["meta_inner_lr"])

@@ -114,8 +114,9 @@ class LLMCDSR(SequentialRecommender):
             neg = torch.where(clash, fresh, neg)
         return neg
 
-    def seq_loss(self, net, inputs, targets, target_ok, emb=None, context=None):
-        """BCE over positions whose target is real. ``net``: the backbone (or a functional copy)."""
+    def seq_loss(self, net, inputs, targets, target_ok, emb=None, context=None, return_items=False):
+        """BCE over positions whose target is real. ``net``: the backbone (or a functional copy).
+        With ``return_items`` also the item ids whose embeddings the loss reads."""
         h = net(inputs, item_emb=emb)
         context = inputs if context is None else context
         neg = self.sample_negatives(targets, torch.cat([context, targets], dim=1))
@@ -124,7 +125,10 @@ class LLMCDSR(SequentialRecommender):
         ns = (h * e(neg)).sum(-1)
         mask = (target_ok & (targets > 0)).float()
         loss = F.softplus(-ps) + F.softplus(ns)  # = BCE with logits for labels 1 and 0
-        return (loss * mask).sum() / mask.sum().clamp(min=1)
+        loss = (loss * mask).sum() / mask.sum().clamp(min=1)
+        if return_items:
+            return loss, torch.cat([inputs.reshape(-1), targets.reshape(-1), neg.reshape(-1)])
+        return loss
 
     def calculate_loss(self, interaction, net=None):
         net = self.backbone if net is None else net
@@ -203,10 +207,10 @@ class LLMCDSR(SequentialRecommender):
         emb = emb + st * inserted[:, :-1].unsqueeze(-1).float()
         return inputs, targets, target_ok, emb, inserted[:, :-1]
 
-    def aug_loss(self, interaction, net=None, with_grad=True):
+    def aug_loss(self, interaction, net=None, with_grad=True, return_items=False):
         net = self.backbone if net is None else net
         inputs, targets, ok, emb, _ = self.augmented(interaction, net, with_grad)
-        return self.seq_loss(net, inputs, targets, ok, emb=emb)
+        return self.seq_loss(net, inputs, targets, ok, emb=emb, return_items=return_items)
 
     # -- scoring ----------------------------------------------------------------------
     def _last_hidden(self, interaction):

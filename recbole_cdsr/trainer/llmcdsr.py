@@ -21,6 +21,8 @@ step (bias-corrected moments of a single gradient); ``meta_inner_optimizer: sgd`
 question entirely.
 """
 
+import math
+
 import higher
 import torch
 
@@ -96,9 +98,12 @@ class LLMCDSRTrainer(CDSRTrainer):
 
         The inner loss is L_orig(theta) + L_aug(theta, poolers). Only L_aug depends on the
         poolers, so only its gradient is taken with a graph (``create_graph``); the gradient
-        of L_orig is added as a constant through higher's ``grad_callback``. The shadow's
+        of L_orig is added as a constant through higher's ``grad_callback``. The item
+        embedding table (most of the backbone's weights) is updated outside higher's
+        optimiser by :meth:`_inner_embedding_step`: the same update, with a graph only on
+        the rows the aug loss reads (the others do not depend on the poolers). The shadow's
         update and the meta-gradient are exactly those of differentiating the whole inner
-        loss, at a fraction of the cost (the second-order graph covers the aug batch only).
+        loss with higher over every weight, at a fraction of the cost.
 
         Returns ``(L_orig, grad of L_orig)`` at the current backbone weights, which the main
         step reuses (same weights, same batch).
@@ -109,14 +114,27 @@ class LLMCDSRTrainer(CDSRTrainer):
             inner = torch.optim.SGD(model.backbone.parameters(), lr=self.inner_lr)
         else:
             inner = self.optimizer  # carries the backbone's Adam moments and step counts
+        ei = self._emb_index
         self.meta_optimizer.zero_grad()
         with higher.innerloop_ctx(model.backbone, inner, copy_initial_weights=True, override=override) as (fnet, diffopt):
             params = list(fnet.fast_params)
             loss_orig = model.calculate_loss(batch, net=fnet)
             g_orig = torch.autograd.grad(loss_orig, params, allow_unused=True)
             g_orig = [None if g is None else g.detach() for g in g_orig]
-            loss_aug = model.aug_loss(aug_batch, net=fnet, with_grad=True)
-            diffopt.step(loss_aug, grad_callback=lambda grads: _add_grads(grads, g_orig))
+            loss_aug, touched = model.aug_loss(aug_batch, net=fnet, with_grad=True, return_items=True)
+            kept = {}
+
+            def callback(grads):
+                grads = _add_grads(grads, g_orig)
+                kept["emb"] = grads[ei]
+                grads[ei] = None  # higher leaves this weight alone; updated below
+                return grads
+
+            diffopt.step(loss_aug, grad_callback=callback)
+            fast = list(fnet.fast_params)
+            rows = torch.unique(touched)
+            fast[ei] = self._inner_embedding_step(params[ei], g_orig[ei], kept["emb"], rows[rows > 0])
+            fnet.update_params(fast)
             meta_loss = model.calculate_loss(meta_batch, net=fnet)
             meta_loss.backward()
         self.meta_optimizer.step()
@@ -124,6 +142,53 @@ class LLMCDSRTrainer(CDSRTrainer):
         self.meta_steps += 1
         self.last_meta_loss = meta_loss.item()
         return loss_orig.detach(), g_orig
+
+    @property
+    def _emb_index(self):
+        weight = self.model.backbone.item_embedding.weight
+        return next(i for i, p in enumerate(self.model.backbone.parameters()) if p is weight)
+
+    def _inner_embedding_step(self, weight, g_orig, g_full, rows):
+        """The shadow's new item-embedding table after the inner step.
+
+        Every row moves as higher's differentiable optimiser would move it (sgd:
+        ``w - lr g``; adam: from the backbone optimiser's moments and step count, with
+        higher's formula ``w - lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``), where
+        ``g`` = grad of L_orig + grad of L_aug. Rows outside ``rows`` (those the aug loss
+        does not read) have no aug gradient, so their update is a constant computed without
+        a graph; only ``rows`` carry the second-order graph to the poolers.
+        """
+        w = weight.detach()
+        g0 = torch.zeros_like(w) if g_orig is None else g_orig
+        g_rows = g_full[rows] if g_full is not None else g0[rows]
+        lr = self.inner_lr
+        if self.inner_kind == "sgd":
+            with torch.no_grad():
+                dense = w - lr * g0
+            return dense.index_put((rows,), w[rows] - lr * g_rows)
+        group = self.optimizer.param_groups[0]
+        beta1, beta2 = group["betas"]
+        eps, wd = group["eps"], group["weight_decay"]
+        if group.get("amsgrad"):
+            raise ValueError("the inner embedding step does not implement amsgrad")
+        state = self.optimizer.state.get(self.model.backbone.item_embedding.weight) or {}
+        t = float(state["step"]) + 1 if "step" in state else 1.0
+        size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        m0, v0 = state.get("exp_avg"), state.get("exp_avg_sq")
+
+        def update(w_, g_, m_, v_):
+            if wd:
+                g_ = g_ + wd * w_
+            m = (1 - beta1) * g_ if m_ is None else m_ * beta1 + (1 - beta1) * g_
+            v = (1 - beta2) * g_ * g_ if v_ is None else v_ * beta2 + (1 - beta2) * g_ * g_
+            zero = v == 0  # as higher: no gradient through sqrt at 0 (there m = 0 too)
+            root = torch.where(zero, torch.zeros_like(v), torch.where(zero, torch.ones_like(v), v).sqrt())
+            return w_ - size * m / (root + eps)
+
+        with torch.no_grad():
+            dense = update(w, g0, m0, v0)
+        sub = update(w[rows], g_rows, None if m0 is None else m0[rows], None if v0 is None else v0[rows])
+        return dense.index_put((rows,), sub)
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if self._aug_iter is None and (self.use_aug or self.use_meta):
