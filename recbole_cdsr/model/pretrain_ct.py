@@ -31,7 +31,7 @@ from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_fil
 
 logger = logging.getLogger(__name__)
 
-PRETRAIN_FORMAT_VERSION = 1
+PRETRAIN_FORMAT_VERSION = 2  # 2: vectorised negative sampling (a different random stream)
 
 DEFAULTS = {
     "hidden_size": 64,
@@ -101,18 +101,24 @@ class CollabTextPretrainer(nn.Module):
         return bce, nce
 
     @torch.no_grad()
-    def hit_at_10(self, hist, target):
+    def hit_at_10(self, hist, target, chunk=1024):
+        """Validation HR@10 by full ranking over the domain (pessimistic ties), in chunks of
+        ``chunk`` sequences (a whole domain at once would hold |users| x |items| scores)."""
         self.eval()
-        h = self.enc(hist)
-        last = (hist > 0).sum(1) - 1
-        u = h[torch.arange(len(hist)), last]
-        scores = u @ self.enc.item_embedding.weight.t()
-        scores[:, 0] = float("-inf")
-        t = scores.gather(1, target.view(-1, 1))
-        scores[torch.arange(len(target)), target] = float("-inf")
-        rank = 1 + (scores >= t).sum(1)
+        hits = 0
+        table = self.enc.item_embedding.weight.t()
+        for i in range(0, len(hist), chunk):
+            hb, tb = hist[i : i + chunk], target[i : i + chunk]
+            h = self.enc(hb)
+            last = (hb > 0).sum(1) - 1
+            rows = torch.arange(len(hb), device=hb.device)
+            scores = h[rows, last] @ table
+            scores[:, 0] = float("-inf")
+            t = scores.gather(1, tb.view(-1, 1))
+            scores[rows, tb] = float("-inf")
+            hits += int(((1 + (scores >= t).sum(1)) <= 10).sum())
         self.train()
-        return float((rank <= 10).float().mean())
+        return hits / max(len(hist), 1)
 
 
 def pretrain_domain(seqs, text, hp=None, device="cpu", log=None):
@@ -135,7 +141,9 @@ def pretrain_domain(seqs, text, hp=None, device="cpu", log=None):
     # a sequence that fits keeps its first item as input only (targets start at item 2)
     opt = torch.optim.Adam(model.parameters(), lr=hp["learning_rate"])
     best, best_state, best_epoch, stale, times = -1.0, None, -1, 0, []
-    in_seq = [set(s) for s in train]
+    whole = np.zeros((len(train), max(len(s) for s in train)), dtype=np.int64)  # every item of each sequence
+    for i, s_ in enumerate(train):
+        whole[i, : len(s_)] = s_
     for epoch in range(hp["epochs"]):
         t0 = time.time()
         order = rng.permutation(len(train))
@@ -143,11 +151,11 @@ def pretrain_domain(seqs, text, hp=None, device="cpu", log=None):
             idx = order[i : i + hp["batch_size"]]
             b_inp, b_pos = inp[idx].to(device), pos[idx].to(device)
             neg = rng.integers(1, n, size=b_pos.shape)
-            for r, row in enumerate(idx):  # resample negatives that are in the sequence
-                bad = np.isin(neg[r], list(in_seq[row]))
-                while bad.any():
-                    neg[r, bad] = rng.integers(1, n, size=int(bad.sum()))
-                    bad = np.isin(neg[r], list(in_seq[row]))
+            rows = whole[idx][:, None, :]
+            bad = (neg[:, :, None] == rows).any(-1)
+            while bad.any():  # resample negatives that are in the user's sequence
+                neg[bad] = rng.integers(1, n, size=int(bad.sum()))
+                bad = (neg[:, :, None] == rows).any(-1)
             b_neg = torch.from_numpy(neg).to(device) * (b_pos > 0)
             bce, nce = model.losses(b_inp, b_pos, b_neg, text)
             loss = bce + model.w * nce
