@@ -83,6 +83,8 @@ def test_meta_step_moves_only_the_poolers(tmp_path, slice_data, side_info):
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     poolers_before = [p.weight.clone() for p in model.poolers]
     batch, aug, meta = next(iter(train)), next(trainer._aug_iter), next(trainer._meta_iter)
+    assert (len(batch), len(aug), len(meta)) == (16, 8, 16)  # train, aug and meta batch sizes
+    assert cfg["train_batch_size"] == 16
     trainer.meta_step(batch, aug, meta)
     grads = [p.weight.grad for p in model.poolers]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)  # second-order signal reached both

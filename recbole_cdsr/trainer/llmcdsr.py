@@ -88,8 +88,14 @@ class LLMCDSRTrainer(CDSRTrainer):
     def _loader(self, train_data, rows, batch_size):
         sub = train_data.dataset.copy(train_data.dataset.inter_feat[rows])
         cfg = train_data.config
-        loader = TrainDataLoader(cfg, sub, None, shuffle=True)
-        loader.set_batch_size(batch_size)
+        # RecBole's loader fixes its batch size from train_batch_size when it is built
+        # (set_batch_size afterwards does not change what it yields)
+        saved = cfg["train_batch_size"]
+        cfg["train_batch_size"] = batch_size
+        try:
+            loader = TrainDataLoader(cfg, sub, None, shuffle=True)
+        finally:
+            cfg["train_batch_size"] = saved
         return loader
 
     # -- steps ---------------------------------------------------------------------------
