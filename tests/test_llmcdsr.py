@@ -184,8 +184,11 @@ def test_split_meta_gradient_equals_the_full_second_order_one(tmp_path, slice_da
         diffopt.step(loss)
         model.calculate_loss(meta, net=fnet).backward()
     reference = [p.weight.grad.clone() for p in model.poolers]
+    state = {p: {k: v.clone() for k, v in trainer.optimizer.state[p].items()} for p in model.backbone.parameters()}
     torch.manual_seed(5)
     trainer.meta_step(batch, aug, meta)
+    for p, st in state.items():  # the backbone optimiser's moments and step counts are only read
+        assert all(torch.equal(trainer.optimizer.state[p][k], v) for k, v in st.items())
     for p, r in zip(model.poolers, reference):
         assert r.abs().sum() > 0
         assert torch.allclose(p.weight.grad, r, rtol=1e-4, atol=1e-7)

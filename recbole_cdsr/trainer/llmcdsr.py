@@ -116,11 +116,8 @@ class LLMCDSRTrainer(CDSRTrainer):
         """
         model = self.model
         override = {"lr": [self.inner_lr]}
-        if self.inner_kind == "sgd":
-            inner = torch.optim.SGD(model.backbone.parameters(), lr=self.inner_lr)
-        else:
-            inner = self.optimizer  # carries the backbone's Adam moments and step counts
         ei = self._emb_index
+        inner = self._inner_optimizer()
         self.meta_optimizer.zero_grad()
         with higher.innerloop_ctx(model.backbone, inner, copy_initial_weights=True, override=override) as (fnet, diffopt):
             params = list(fnet.fast_params)
@@ -132,8 +129,7 @@ class LLMCDSRTrainer(CDSRTrainer):
 
             def callback(grads):
                 grads = _add_grads(grads, g_orig)
-                kept["emb"] = grads[ei]
-                grads[ei] = None  # higher leaves this weight alone; updated below
+                kept["emb"] = grads[ei]  # the inner optimiser does not hold this weight
                 return grads
 
             diffopt.step(loss_aug, grad_callback=callback)
@@ -142,12 +138,32 @@ class LLMCDSRTrainer(CDSRTrainer):
             fast[ei] = self._inner_embedding_step(params[ei], g_orig[ei], kept["emb"], rows[rows > 0])
             fnet.update_params(fast)
             meta_loss = model.calculate_loss(meta_batch, net=fnet)
-            meta_loss.backward()
+            # only the poolers' gradient: autograd skips the paths that lead to the shadow's
+            # initial weights alone
+            pool = list(model.poolers.parameters())
+            grads = torch.autograd.grad(meta_loss, pool, allow_unused=True)
+            for p, g in zip(pool, grads):
+                p.grad = torch.zeros_like(p) if g is None else g
         self.meta_optimizer.step()
-        self.optimizer.zero_grad()  # the meta loss never reaches the backbone's own weights
         self.meta_steps += 1
         self.last_meta_loss = meta_loss.item()
         return loss_orig.detach(), g_orig
+
+    def _inner_optimizer(self):
+        """The optimiser higher differentiates: every backbone weight except the item
+        embedding table (see :meth:`_inner_embedding_step`). For adam it shares, without
+        copying, the moments and step counts of the optimiser that trains the backbone."""
+        weight = self.model.backbone.item_embedding.weight
+        params = [p for p in self.model.backbone.parameters() if p is not weight]
+        if self.inner_kind == "sgd":
+            return torch.optim.SGD(params, lr=self.inner_lr)
+        group = self.optimizer.param_groups[0]
+        view = torch.optim.Adam(params, lr=self.inner_lr, betas=group["betas"], eps=group["eps"],
+                                weight_decay=group["weight_decay"])
+        for p in params:
+            if p in self.optimizer.state:
+                view.state[p] = self.optimizer.state[p]
+        return view
 
     @property
     def _emb_index(self):
@@ -191,8 +207,12 @@ class LLMCDSRTrainer(CDSRTrainer):
             root = torch.where(zero, torch.zeros_like(v), torch.where(zero, torch.ones_like(v), v).sqrt())
             return w_ - size * m / (root + eps)
 
-        with torch.no_grad():
-            dense = update(w, g0, m0, v0)
+        with torch.no_grad():  # no graph: plain sqrt (where v = 0, m = 0 and the row stays)
+            if wd:
+                g0 = g0 + wd * w
+            m = (1 - beta1) * g0 if m0 is None else m0 * beta1 + (1 - beta1) * g0
+            v = (1 - beta2) * g0 * g0 if v0 is None else v0 * beta2 + (1 - beta2) * g0 * g0
+            dense = w - size * m / (v.sqrt() + eps)
         sub = update(w[rows], g_rows, None if m0 is None else m0[rows], None if v0 is None else v0[rows])
         return dense.index_put((rows,), sub)
 
