@@ -114,15 +114,20 @@ class LLMCDSR(SequentialRecommender):
             neg = torch.where(clash, fresh, neg)
         return neg
 
-    def seq_loss(self, net, inputs, targets, target_ok, emb=None, context=None, return_items=False):
-        """BCE over positions whose target is real. ``net``: the backbone (or a functional copy).
-        With ``return_items`` also the item ids whose embeddings the loss reads."""
-        h = net(inputs, item_emb=emb)
+    def seq_loss(self, net, inputs, targets, target_ok, extra=None, context=None, return_items=False):
+        """BCE over positions whose target is real. ``net``: the backbone (or a functional copy);
+        ``extra`` [B, L, H] is added to the input embeddings. With ``return_items`` also the
+        item ids whose embeddings the loss reads."""
         context = inputs if context is None else context
         neg = self.sample_negatives(targets, torch.cat([context, targets], dim=1))
-        e = net.item_embedding
-        ps = (h * e(targets)).sum(-1)
-        ns = (h * e(neg)).sum(-1)
+        # one lookup for inputs, targets and negatives: one dense gradient of the table
+        # instead of three
+        L = inputs.size(1)
+        looked = net.item_embedding(torch.cat([inputs, targets, neg], dim=1))
+        in_emb = looked[:, :L] if extra is None else looked[:, :L] + extra
+        h = net(inputs, item_emb=in_emb)
+        ps = (h * looked[:, L : 2 * L]).sum(-1)
+        ns = (h * looked[:, 2 * L :]).sum(-1)
         mask = (target_ok & (targets > 0)).float()
         loss = F.softplus(-ps) + F.softplus(ns)  # = BCE with logits for labels 1 and 0
         loss = (loss * mask).sum() / mask.sum().clamp(min=1)
@@ -174,7 +179,9 @@ class LLMCDSR(SequentialRecommender):
         return ids, g_all
 
     def augmented(self, interaction, net=None, with_grad=True):
-        """Inputs, targets, target mask and input embeddings of the augmented sequences."""
+        """Inputs, targets, target mask, the straight-through term added to the input
+        embeddings (zero in value; non-zero only at inserted positions) and the inserted mask
+        of the augmented sequences."""
         net = self.backbone if net is None else net
         seq = self.whole_sequence(interaction)  # [B, L + 1]
         B, S = seq.shape
@@ -202,15 +209,14 @@ class LLMCDSR(SequentialRecommender):
         inserted = inserted.gather(1, col) & inside
         inputs, targets = items[:, :-1], items[:, 1:]
         target_ok = ~inserted[:, 1:] & (targets > 0)
-        emb = net.item_embedding(inputs)
         st = ((g - g.detach()) / k).unsqueeze(1)  # value 0; gradient: mean over the k insertions
-        emb = emb + st * inserted[:, :-1].unsqueeze(-1).float()
-        return inputs, targets, target_ok, emb, inserted[:, :-1]
+        extra = st * inserted[:, :-1].unsqueeze(-1).float()
+        return inputs, targets, target_ok, extra, inserted[:, :-1]
 
     def aug_loss(self, interaction, net=None, with_grad=True, return_items=False):
         net = self.backbone if net is None else net
-        inputs, targets, ok, emb, _ = self.augmented(interaction, net, with_grad)
-        return self.seq_loss(net, inputs, targets, ok, emb=emb, return_items=return_items)
+        inputs, targets, ok, extra, _ = self.augmented(interaction, net, with_grad)
+        return self.seq_loss(net, inputs, targets, ok, extra=extra, return_items=return_items)
 
     # -- scoring ----------------------------------------------------------------------
     def _last_hidden(self, interaction):

@@ -31,7 +31,7 @@ from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_fil
 
 logger = logging.getLogger(__name__)
 
-PRETRAIN_FORMAT_VERSION = 2  # 2: vectorised negative sampling (a different random stream)
+PRETRAIN_FORMAT_VERSION = 3  # 2: vectorised negative sampling; 3: FastDropout (different random streams)
 
 DEFAULTS = {
     "hidden_size": 64,
