@@ -192,3 +192,17 @@ def test_split_meta_gradient_equals_the_full_second_order_one(tmp_path, slice_da
     for p, r in zip(model.poolers, reference):
         assert r.abs().sum() > 0
         assert torch.allclose(p.weight.grad, r, rtol=1e-4, atol=1e-7)
+
+
+def test_dropping_all_padding_columns_changes_no_real_position(tmp_path, slice_data, side_info):
+    """seq_loss runs the backbone on columns up to the longest row only; with left-aligned
+    rows and causal attention that must leave every real position's output unchanged."""
+    cfg, ds, (train, _, _), model = _setup(str(tmp_path), slice_data, side_info)
+    model.eval()
+    seq = model.whole_sequence(next(iter(train)))[:, :-1]
+    n = int((seq > 0).sum(1).max())
+    assert n < seq.size(1)  # the case the trimming is for
+    full = model.backbone(seq)[:, :n]
+    short = model.backbone(seq[:, :n])
+    real = seq[:, :n] > 0
+    assert torch.allclose(full[real], short[real], atol=1e-5)

@@ -118,6 +118,12 @@ class LLMCDSR(SequentialRecommender):
         """BCE over positions whose target is real. ``net``: the backbone (or a functional copy);
         ``extra`` [B, L, H] is added to the input embeddings. With ``return_items`` also the
         item ids whose embeddings the loss reads."""
+        # sequences are left-aligned: columns past the longest row are padding everywhere, and
+        # with causal attention dropping them changes no real position (~30% less work on a
+        # Food-Kitchen batch of 128, whose longest row averages 35 of 50 inputs)
+        n = max(int((inputs > 0).sum(1).max()), 1)
+        inputs, targets, target_ok = inputs[:, :n], targets[:, :n], target_ok[:, :n]
+        extra = None if extra is None else extra[:, :n]
         context = inputs if context is None else context
         neg = self.sample_negatives(targets, torch.cat([context, targets], dim=1))
         # one lookup for inputs, targets and negatives: one dense gradient of the table

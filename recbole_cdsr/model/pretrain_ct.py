@@ -31,7 +31,7 @@ from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_fil
 
 logger = logging.getLogger(__name__)
 
-PRETRAIN_FORMAT_VERSION = 3  # 2: vectorised negative sampling; 3: FastDropout (different random streams)
+PRETRAIN_FORMAT_VERSION = 4  # 2: vectorised negatives; 3: FastDropout; 4: padding columns dropped (random streams differ)
 
 DEFAULTS = {
     "hidden_size": 64,
@@ -82,7 +82,9 @@ class CollabTextPretrainer(nn.Module):
         self.w = hp["infonce_weight"]
 
     def losses(self, inp, pos, neg, text):
-        h = self.enc(inp)  # [B, L, H]
+        n = max(int((inp > 0).sum(1).max()), 1)  # left-aligned: later columns are all padding
+        inp, pos, neg = inp[:, :n], pos[:, :n], neg[:, :n]
+        h = self.enc(inp)  # [B, n, H]
         emb = self.enc.item_embedding
         mask = (pos > 0).float()
         ps = (h * emb(pos)).sum(-1)
