@@ -119,11 +119,14 @@ class LLMCDSRTrainer(CDSRTrainer):
         ei = self._emb_index
         inner = self._inner_optimizer()
         self.meta_optimizer.zero_grad()
-        with higher.innerloop_ctx(model.backbone, inner, copy_initial_weights=True, override=override) as (fnet, diffopt):
+        # grad of L_orig at the current weights (the shadow starts from them); no graph
+        weights = list(model.backbone.parameters())
+        loss_orig = model.calculate_loss(batch)
+        g_orig = list(torch.autograd.grad(loss_orig, weights, allow_unused=True))
+        # the shadow's initial weights are the backbone's own tensors, never written to:
+        # the meta-gradient is taken for the poolers only, so nothing flows into them
+        with higher.innerloop_ctx(model.backbone, inner, copy_initial_weights=False, override=override) as (fnet, diffopt):
             params = list(fnet.fast_params)
-            loss_orig = model.calculate_loss(batch, net=fnet)
-            g_orig = torch.autograd.grad(loss_orig, params, allow_unused=True)
-            g_orig = [None if g is None else g.detach() for g in g_orig]
             loss_aug, touched = model.aug_loss(aug_batch, net=fnet, with_grad=True, return_items=True)
             kept = {}
 
@@ -207,12 +210,12 @@ class LLMCDSRTrainer(CDSRTrainer):
             root = torch.where(zero, torch.zeros_like(v), torch.where(zero, torch.ones_like(v), v).sqrt())
             return w_ - size * m / (root + eps)
 
-        with torch.no_grad():  # no graph: plain sqrt (where v = 0, m = 0 and the row stays)
+        with torch.no_grad():  # no graph, fused in place (where v = 0, m = 0 and the row stays)
             if wd:
                 g0 = g0 + wd * w
-            m = (1 - beta1) * g0 if m0 is None else m0 * beta1 + (1 - beta1) * g0
-            v = (1 - beta2) * g0 * g0 if v0 is None else v0 * beta2 + (1 - beta2) * g0 * g0
-            dense = w - size * m / (v.sqrt() + eps)
+            m = g0.mul(1 - beta1) if m0 is None else m0.mul(beta1).add_(g0, alpha=1 - beta1)
+            v = g0.mul(g0).mul_(1 - beta2) if v0 is None else v0.mul(beta2).addcmul_(g0, g0, value=1 - beta2)
+            dense = w.addcdiv(m, v.sqrt_().add_(eps), value=-size)
         sub = update(w[rows], g_rows, None if m0 is None else m0[rows], None if v0 is None else v0[rows])
         return dense.index_put((rows,), sub)
 
