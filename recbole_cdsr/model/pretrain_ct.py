@@ -31,7 +31,7 @@ from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_fil
 
 logger = logging.getLogger(__name__)
 
-PRETRAIN_FORMAT_VERSION = 4  # 2: vectorised negatives; 3: FastDropout; 4: padding columns dropped (random streams differ)
+PRETRAIN_FORMAT_VERSION = 4  # 2: vectorised negatives; 3: FastDropout; 4: padding columns dropped (random streams differ); F.gelu is the same function
 
 DEFAULTS = {
     "hidden_size": 64,

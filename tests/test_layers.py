@@ -1,0 +1,25 @@
+import torch
+
+from recbole.model.layers import FeedForward
+
+from recbole_cdsr.model.layers import CausalSeqEncoder, FastDropout
+
+
+def test_fast_dropout_keeps_the_distribution_and_is_identity_in_eval():
+    torch.manual_seed(0)
+    d = FastDropout(0.3)
+    x = torch.ones(200_000)
+    y = d(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.01  # keep probability 1 - p
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7))  # inverted scaling
+    d.eval()
+    assert torch.equal(d(x), x)
+
+
+def test_encoder_gelu_is_recboles_gelu_and_no_torch_dropout_is_left():
+    enc = CausalSeqEncoder(n_items=50, hidden_size=16, max_len=10, n_layers=2, inner_size=32)
+    ffs = [m for m in enc.modules() if isinstance(m, FeedForward)]
+    assert len(ffs) == 2 and not any(isinstance(m, torch.nn.Dropout) for m in enc.modules())
+    x = torch.randn(1000)
+    assert torch.allclose(ffs[0].intermediate_act_fn(x), ffs[0].gelu(x), atol=1e-6)
