@@ -81,7 +81,8 @@ class TextEncoder:
                 f"cannot load text encoder {name!r} ({self.path}): {type(e).__name__}: {e}. "
                 "Give a local sentence-transformers folder, or the default all-MiniLM-L6-v2."
             ) from None
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(dim())  # the method's newer name first (the old one warns)
         self._fingerprint = None
 
     def identity(self):
