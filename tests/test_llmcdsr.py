@@ -165,7 +165,10 @@ def test_one_command_runs_all_stages_and_caches_them(tmp_path, slice_data, capsy
 def test_split_meta_gradient_equals_the_full_second_order_one(tmp_path, slice_data, side_info, inner):
     import higher
 
-    cfg, ds, (train, _, _), model = _setup(str(tmp_path), slice_data, side_info, meta_inner_optimizer=inner)
+    # a large inner step, so that every row the meta loss reads visibly moves (a row left
+    # stale, or a missing second-order path, changes the meta loss and its gradient)
+    cfg, ds, (train, _, _), model = _setup(str(tmp_path), slice_data, side_info, meta_inner_optimizer=inner,
+                                           meta_inner_lr=0.05)
     trainer = LLMCDSRTrainer(cfg, model)
     trainer._make_loaders(train)
     loader = iter(train)
@@ -182,13 +185,15 @@ def test_split_meta_gradient_equals_the_full_second_order_one(tmp_path, slice_da
                               override={"lr": [cfg["meta_inner_lr"]]}) as (fnet, diffopt):
         loss = model.calculate_loss(batch, net=fnet) + model.aug_loss(aug, net=fnet)
         diffopt.step(loss)
-        model.calculate_loss(meta, net=fnet).backward()
+        ref_loss = model.calculate_loss(meta, net=fnet)
+        ref_loss.backward()
     reference = [p.weight.grad.clone() for p in model.poolers]
     state = {p: {k: v.clone() for k, v in trainer.optimizer.state[p].items()} for p in model.backbone.parameters()}
     torch.manual_seed(5)
     trainer.meta_step(batch, aug, meta)
     for p, st in state.items():  # the backbone optimiser's moments and step counts are only read
         assert all(torch.equal(trainer.optimizer.state[p][k], v) for k, v in st.items())
+    assert abs(trainer.last_meta_loss - ref_loss.item()) < 1e-6 * max(1.0, abs(ref_loss.item()))
     for p, r in zip(model.poolers, reference):
         assert r.abs().sum() > 0
         assert torch.allclose(p.weight.grad, r, rtol=1e-4, atol=1e-7)

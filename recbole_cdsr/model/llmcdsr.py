@@ -114,18 +114,23 @@ class LLMCDSR(SequentialRecommender):
             neg = torch.where(clash, fresh, neg)
         return neg
 
-    def seq_loss(self, net, inputs, targets, target_ok, extra=None, context=None, return_items=False):
-        """BCE over positions whose target is real. ``net``: the backbone (or a functional copy);
-        ``extra`` [B, L, H] is added to the input embeddings. With ``return_items`` also the
-        item ids whose embeddings the loss reads."""
-        # sequences are left-aligned: columns past the longest row are padding everywhere, and
-        # with causal attention dropping them changes no real position (~30% less work on a
-        # Food-Kitchen batch of 128, whose longest row averages 35 of 50 inputs)
+    @staticmethod
+    def _trim(inputs, targets, target_ok, extra=None):
+        """Sequences are left-aligned: columns past the longest row are padding everywhere,
+        and with causal attention dropping them changes no real position (~30% less work on
+        a Food-Kitchen batch of 128, whose longest row averages 35 of 50 inputs)."""
         n = max(int((inputs > 0).sum(1).max()), 1)
-        inputs, targets, target_ok = inputs[:, :n], targets[:, :n], target_ok[:, :n]
         extra = None if extra is None else extra[:, :n]
-        context = inputs if context is None else context
-        neg = self.sample_negatives(targets, torch.cat([context, targets], dim=1))
+        return inputs[:, :n], targets[:, :n], target_ok[:, :n], extra
+
+    def seq_loss(self, net, inputs, targets, target_ok, extra=None, neg=None, return_items=False):
+        """BCE over positions whose target is real. ``net``: the backbone (or a functional copy);
+        ``extra`` [B, L, H] is added to the input embeddings; ``neg``: negatives drawn
+        beforehand (see :meth:`loss_plan`). With ``return_items`` also the item ids whose
+        embeddings the loss reads."""
+        inputs, targets, target_ok, extra = self._trim(inputs, targets, target_ok, extra)
+        if neg is None:
+            neg = self.sample_negatives(targets, torch.cat([inputs, targets], dim=1))
         # one lookup for inputs, targets and negatives: one dense gradient of the table
         # instead of three
         L = inputs.size(1)
@@ -141,11 +146,19 @@ class LLMCDSR(SequentialRecommender):
             return loss, torch.cat([inputs.reshape(-1), targets.reshape(-1), neg.reshape(-1)])
         return loss
 
-    def calculate_loss(self, interaction, net=None):
+    def calculate_loss(self, interaction, net=None, neg=None):
         net = self.backbone if net is None else net
         seq = self.whole_sequence(interaction)
         inputs, targets = seq[:, :-1], seq[:, 1:]
-        return self.seq_loss(net, inputs, targets, targets > 0)
+        return self.seq_loss(net, inputs, targets, targets > 0, neg=neg)
+
+    def loss_plan(self, interaction):
+        """Draw the negatives of ``calculate_loss(interaction)`` now (the same random draws
+        it would make) and return them with the ids of every item embedding that loss reads."""
+        seq = self.whole_sequence(interaction)
+        inputs, targets, _, _ = self._trim(seq[:, :-1], seq[:, 1:], seq[:, 1:] > 0)
+        neg = self.sample_negatives(targets, torch.cat([inputs, targets], dim=1))
+        return neg, torch.cat([inputs.reshape(-1), targets.reshape(-1), neg.reshape(-1)])
 
     # -- recall and insertion -------------------------------------------------------------
     def user_domain(self, interaction):

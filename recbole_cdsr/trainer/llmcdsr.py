@@ -106,10 +106,11 @@ class LLMCDSRTrainer(CDSRTrainer):
         poolers, so only its gradient is taken with a graph (``create_graph``); the gradient
         of L_orig is added as a constant through higher's ``grad_callback``. The item
         embedding table (most of the backbone's weights) is updated outside higher's
-        optimiser by :meth:`_inner_embedding_step`: the same update, with a graph only on
-        the rows the aug loss reads (the others do not depend on the poolers). The shadow's
-        update and the meta-gradient are exactly those of differentiating the whole inner
-        loss with higher over every weight, at a fraction of the cost.
+        optimiser by :meth:`_inner_embedding_step`: the same update, computed only for the
+        rows the augmented and the meta loss read (the meta loss's negatives are drawn
+        first, so those rows are known). The meta loss and the meta-gradient are exactly
+        those of differentiating the whole inner loss with higher over every weight, at a
+        fraction of the cost.
 
         Returns ``(L_orig, grad of L_orig)`` at the current backbone weights, which the main
         step reuses (same weights, same batch).
@@ -136,11 +137,13 @@ class LLMCDSRTrainer(CDSRTrainer):
                 return grads
 
             diffopt.step(loss_aug, grad_callback=callback)
+            # the meta loss's negatives are drawn now, so the rows it reads are known
+            meta_neg, meta_items = model.loss_plan(meta_batch)
+            rows = torch.unique(torch.cat([touched, meta_items]))
             fast = list(fnet.fast_params)
-            rows = torch.unique(touched)
             fast[ei] = self._inner_embedding_step(params[ei], g_orig[ei], kept["emb"], rows[rows > 0])
             fnet.update_params(fast)
-            meta_loss = model.calculate_loss(meta_batch, net=fnet)
+            meta_loss = model.calculate_loss(meta_batch, net=fnet, neg=meta_neg)
             # only the poolers' gradient: autograd skips the paths that lead to the shadow's
             # initial weights alone
             pool = list(model.poolers.parameters())
@@ -174,23 +177,21 @@ class LLMCDSRTrainer(CDSRTrainer):
         return next(i for i, p in enumerate(self.model.backbone.parameters()) if p is weight)
 
     def _inner_embedding_step(self, weight, g_orig, g_full, rows):
-        """The shadow's new item-embedding table after the inner step.
+        """The shadow's item-embedding table after the inner step, exact on ``rows``.
 
-        Every row moves as higher's differentiable optimiser would move it (sgd:
-        ``w - lr g``; adam: from the backbone optimiser's moments and step count, with
-        higher's formula ``w - lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``), where
-        ``g`` = grad of L_orig + grad of L_aug. Rows outside ``rows`` (those the aug loss
-        does not read) have no aug gradient, so their update is a constant computed without
-        a graph; only ``rows`` carry the second-order graph to the poolers.
+        ``rows`` must hold every item the augmented loss and the meta loss read. Each of them
+        moves as higher's differentiable optimiser would move it (sgd: ``w - lr g``; adam:
+        from the backbone optimiser's moments and step count, with higher's formula
+        ``w - lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``), where ``g`` = grad of
+        L_orig + grad of L_aug, with a graph to the poolers. The other rows keep the
+        backbone's values: nothing after this step reads them, so the meta loss and its
+        gradient are those of updating the whole table.
         """
         w = weight.detach()
-        g0 = torch.zeros_like(w) if g_orig is None else g_orig
-        g_rows = g_full[rows] if g_full is not None else g0[rows]
+        g_rows = g_full[rows] if g_full is not None else torch.zeros_like(w[rows])
         lr = self.inner_lr
         if self.inner_kind == "sgd":
-            with torch.no_grad():
-                dense = w - lr * g0
-            return dense.index_put((rows,), w[rows] - lr * g_rows)
+            return w.index_put((rows,), w[rows] - lr * g_rows)
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
         eps, wd = group["eps"], group["weight_decay"]
@@ -200,24 +201,14 @@ class LLMCDSRTrainer(CDSRTrainer):
         t = float(state["step"]) + 1 if "step" in state else 1.0
         size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
         m0, v0 = state.get("exp_avg"), state.get("exp_avg_sq")
-
-        def update(w_, g_, m_, v_):
-            if wd:
-                g_ = g_ + wd * w_
-            m = (1 - beta1) * g_ if m_ is None else m_ * beta1 + (1 - beta1) * g_
-            v = (1 - beta2) * g_ * g_ if v_ is None else v_ * beta2 + (1 - beta2) * g_ * g_
-            zero = v == 0  # as higher: no gradient through sqrt at 0 (there m = 0 too)
-            root = torch.where(zero, torch.zeros_like(v), torch.where(zero, torch.ones_like(v), v).sqrt())
-            return w_ - size * m / (root + eps)
-
-        with torch.no_grad():  # no graph, fused in place (where v = 0, m = 0 and the row stays)
-            if wd:
-                g0 = g0 + wd * w
-            m = g0.mul(1 - beta1) if m0 is None else m0.mul(beta1).add_(g0, alpha=1 - beta1)
-            v = g0.mul(g0).mul_(1 - beta2) if v0 is None else v0.mul(beta2).addcmul_(g0, g0, value=1 - beta2)
-            dense = w.addcdiv(m, v.sqrt_().add_(eps), value=-size)
-        sub = update(w[rows], g_rows, None if m0 is None else m0[rows], None if v0 is None else v0[rows])
-        return dense.index_put((rows,), sub)
+        w_r = w[rows]
+        if wd:
+            g_rows = g_rows + wd * w_r
+        m = (1 - beta1) * g_rows if m0 is None else m0[rows] * beta1 + (1 - beta1) * g_rows
+        v = (1 - beta2) * g_rows * g_rows if v0 is None else v0[rows] * beta2 + (1 - beta2) * g_rows * g_rows
+        zero = v == 0  # as higher: no gradient through sqrt at 0 (there m = 0 and the row stays)
+        root = torch.where(zero, torch.zeros_like(v), torch.where(zero, torch.ones_like(v), v).sqrt())
+        return w.index_put((rows,), w_r - size * m / (root + eps))
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if self._aug_iter is None and (self.use_aug or self.use_meta):
