@@ -43,6 +43,7 @@ def main():
     from recbole_cdsr.config import CDSRConfig
     from recbole_cdsr.data.utils import CDSREvalDataLoader, cdsr_data_preparation, create_cdsr_dataset
     from recbole_cdsr.trainer.trainer import CDSRTrainer
+    from recbole_cdsr.model.layers import fast_layers
     from recbole_cdsr.utils import disable_anomaly_detection, tune_cpu_allocator
 
     common = {
@@ -60,6 +61,8 @@ def main():
     ds = create_cdsr_dataset(cfg, cfg.model_class)
     train, valid, test = cdsr_data_preparation(cfg, ds)
     model = cfg.model_class(cfg, train.dataset).to(cfg["device"])
+    if cfg["fast_layers"]:
+        fast_layers(model)  # as run_recbole_cdsr does
     disable_anomaly_detection()
     model.eval()
     n_all = len(test.dataset)

@@ -55,6 +55,7 @@ CONFIG_SCHEMA = {
     "seed": (_INT, None),
     "use_gpu": (_BOOL, None),
     "cpu_allocator_tuning": (_BOOL, None),
+    "fast_layers": (_BOOL, None),
 }
 
 SUPPORTED_METRICS = ("hit", "ndcg", "mrr")

@@ -19,6 +19,7 @@ from recbole.utils import init_logger, init_seed
 
 from recbole_cdsr.config import CDSRConfig
 from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset
+from recbole_cdsr.model.layers import fast_layers
 from recbole_cdsr.registry import get_trainer
 from recbole_cdsr.utils import (
     atomic_write_json,
@@ -117,6 +118,8 @@ def run_recbole_cdsr(
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     net = config.model_class(config, train_data._dataset).to(config["device"])
+    if config["fast_layers"]:
+        fast_layers(net)
     disable_anomaly_detection()
     logger.info(net)
     trainer = get_trainer(config["model"])(config, net)
@@ -219,6 +222,8 @@ def load_data_and_model(model_file):
     ds = create_cdsr_dataset(config, config.model_class)
     train_data, valid_data, test_data = cdsr_data_preparation(config, ds)
     model = config.model_class(config, train_data._dataset).to(config["device"])
+    if config["fast_layers"]:
+        fast_layers(model)
     disable_anomaly_detection()
     model.load_state_dict(ckpt["state_dict"])
     return config, model, ds, train_data, valid_data, test_data

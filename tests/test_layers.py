@@ -23,3 +23,25 @@ def test_encoder_gelu_is_recboles_gelu_and_no_torch_dropout_is_left():
     assert len(ffs) == 2 and not any(isinstance(m, torch.nn.Dropout) for m in enc.modules())
     x = torch.randn(1000)
     assert torch.allclose(ffs[0].intermediate_act_fn(x), ffs[0].gelu(x), atol=1e-6)
+
+
+def test_fast_layers_on_recboles_encoder_keep_its_function():
+    """run_recbole_cdsr applies fast_layers to every model (config fast_layers: True): in eval
+    mode the output must be RecBole's own, in train mode no torch Dropout may remain."""
+    import copy
+
+    from recbole.model.layers import TransformerEncoder
+
+    from recbole_cdsr.model.layers import fast_layers
+
+    torch.manual_seed(0)
+    enc = TransformerEncoder(n_layers=2, n_heads=2, hidden_size=16, inner_size=32, hidden_act="gelu")
+    fast = fast_layers(copy.deepcopy(enc))
+    assert any(isinstance(m, torch.nn.Dropout) for m in enc.modules())
+    assert not any(isinstance(m, torch.nn.Dropout) for m in fast.modules())
+    assert all(m.intermediate_act_fn is torch.nn.functional.gelu for m in fast.modules() if isinstance(m, FeedForward))
+    x, mask = torch.randn(3, 5, 16), torch.zeros(3, 1, 5, 5)
+    enc.eval(), fast.eval()
+    assert torch.allclose(enc(x, mask)[-1], fast(x, mask)[-1], atol=1e-5)
+    relu = fast_layers(TransformerEncoder(n_layers=1, n_heads=1, hidden_size=8, inner_size=8, hidden_act="relu"))
+    assert all(m.intermediate_act_fn is not torch.nn.functional.gelu for m in relu.modules() if isinstance(m, FeedForward))

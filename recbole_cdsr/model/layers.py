@@ -36,6 +36,22 @@ def use_fast_dropout(module):
     return module
 
 
+def fuse_gelu(module):
+    """Give every RecBole ``FeedForward`` that uses RecBole's hand-written gelu
+    (``x * 0.5 * (1 + erf(x / sqrt 2))``, five autograd ops) the same function as one fused
+    op, ``F.gelu``: ~2.5x faster forward and backward on CPU, with a double backward."""
+    for m in module.modules():
+        if isinstance(m, FeedForward) and getattr(m.intermediate_act_fn, "__func__", None) is FeedForward.gelu:
+            m.intermediate_act_fn = F.gelu
+    return module
+
+
+def fast_layers(module):
+    """:func:`use_fast_dropout` and :func:`fuse_gelu`: the same functions and distributions,
+    different random streams than RecBole's own modules."""
+    return fuse_gelu(use_fast_dropout(module))
+
+
 class CausalSeqEncoder(nn.Module):
     """SASRec's encoder (Kang and McAuley, ICDM 2018): item + position embeddings, a causal
     Transformer, layer norm and dropout. ``forward`` returns the hidden state at every
@@ -57,14 +73,7 @@ class CausalSeqEncoder(nn.Module):
         self.max_len = max_len
         self.initializer_range = initializer_range
         self.apply(self._init_weights)
-        use_fast_dropout(self)
-        if hidden_act == "gelu":
-            # RecBole's gelu is x * 0.5 * (1 + erf(x / sqrt 2)) in five autograd ops; F.gelu is
-            # the same function (exact erf form) in one fused op: ~2.5x faster forward and
-            # backward here, and it has a double backward for the meta step
-            for m in self.modules():
-                if isinstance(m, FeedForward):
-                    m.intermediate_act_fn = F.gelu
+        fast_layers(self)
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
