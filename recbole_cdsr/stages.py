@@ -97,14 +97,16 @@ def prepare_llmcdsr(config):
     d = config["data_path"]
     dev = str(config["device"])
     encoder = TextEncoder(config["text_encoder"], device=dev)
-    tokens, domains, emb = item_text_embeddings(d, name, encoder)
-    _, _, titles = read_item_titles(os.path.join(d, f"{name}.item"))
+    items = read_item_titles(os.path.join(d, f"{name}.item"))  # each input file is read once
+    sequences = read_training_sequences(d, name)
+    tokens, domains, emb = item_text_embeddings(d, name, encoder, items=items)
+    titles = items[2]
     known = {t: v for t, v in zip(titles, emb)}
     record = {"generator": config["generator"], "text_encoder": encoder.identity()}
 
     gen = config["generator"]
     if gen == "import":
-        users = set(read_training_sequences(d, name))
+        users = set(sequences)
         pseudo, ident = _import_pseudo(config, d, name, users)
         record["stage1"] = ident
     else:
@@ -115,7 +117,7 @@ def prepare_llmcdsr(config):
                 "or generator: openai for the method as published."
             )
         reqs, overlapped = stage1_requests(d, name, config["shot"], config["generation_seed"],
-                                           with_prompts=gen != "retrieval")
+                                           with_prompts=gen != "retrieval", items=items, sequences=sequences)
         backend = _backend(config, encoder, overlapped, known)
         job = GenerationJob(d, name, backend, parser=config["llm_parser"],
                             settings={"shot": config["shot"], "seed": config["generation_seed"]},
@@ -131,7 +133,7 @@ def prepare_llmcdsr(config):
         pseudo = _cached_pseudo(d, name, records, CachedEncoder(encoder, known), gen_manifest)
         record["stage1"] = {"manifest": gen_manifest, "failed_users": failed,
                             "note": "NOT an LLM: retrieval stand-in" if gen == "retrieval" else "LLM generation"}
-    seqs = list(read_training_sequences(d, name).values())
+    seqs = list(sequences.values())
     hp = {
         "hidden_size": config["hidden_size"], "n_layers": config["n_layers"], "n_heads": config["n_heads"],
         "inner_size": config["inner_size"], "dropout": config["hidden_dropout_prob"],

@@ -130,14 +130,17 @@ def read_item_titles(item_path):
     )
 
 
-def item_text_embeddings(dataset_dir, dataset_name, encoder, show_progress=False):
+def item_text_embeddings(dataset_dir, dataset_name, encoder, show_progress=False, items=None):
     """Title embeddings of every item of a dataset, cached with a manifest.
+
+    ``items``: the ``read_item_titles`` result of the dataset's ``.item`` file, when the
+    caller has read it already.
 
     Returns:
         (tokens, domains, emb): item tokens and domains in ``.item`` order, float32 [n, d].
     """
     item_path = os.path.join(dataset_dir, f"{dataset_name}.item")
-    tokens, domains, titles = read_item_titles(item_path)
+    tokens, domains, titles = read_item_titles(item_path) if items is None else items
     base = os.path.join(dataset_dir, f"{dataset_name}.textemb-{encoder.slug()}")
     npy, man = base + ".npy", base + ".json"
     expected = {

@@ -23,16 +23,21 @@ def read_training_sequences(dataset_dir, name):
     return seqs
 
 
-def stage1_inputs(dataset_dir, name):
+def stage1_inputs(dataset_dir, name, items=None, sequences=None):
     """Single-domain users ``[(user, D, D titles)]`` and overlapped examples
-    ``{D: [(D titles, D' titles)]}``, from the training file only."""
-    tokens, domains, titles = read_item_titles(os.path.join(dataset_dir, f"{name}.item"))
+    ``{D: [(D titles, D' titles)]}``, from the training file only. ``items`` and
+    ``sequences``: ``read_item_titles`` / ``read_training_sequences`` results already read."""
+    if items is None:
+        items = read_item_titles(os.path.join(dataset_dir, f"{name}.item"))
+    tokens, domains, titles = items
     info = {t: (d, ti) for t, d, ti in zip(tokens, domains, titles)}
     doms = sorted(set(domains.tolist()))
     if len(doms) != 2:
         raise GenerationError(f"{name}: expected two domains, found {doms}")
     users, overlapped = [], {d: [] for d in doms}
-    for user, seq in read_training_sequences(dataset_dir, name).items():
+    if sequences is None:
+        sequences = read_training_sequences(dataset_dir, name)
+    for user, seq in sequences.items():
         by_dom = {d: [info[t][1] for t in seq if info[t][0] == d] for d in doms}
         present = [d for d in doms if by_dom[d]]
         if len(present) == 1:
@@ -55,8 +60,8 @@ def read_prefixes(dataset_dir):
     return out
 
 
-def stage1_requests(dataset_dir, name, shot, seed, with_prompts=True):
-    users, overlapped = stage1_inputs(dataset_dir, name)
+def stage1_requests(dataset_dir, name, shot, seed, with_prompts=True, items=None, sequences=None):
+    users, overlapped = stage1_inputs(dataset_dir, name, items, sequences)
     if with_prompts:
         reqs = make_requests(users, overlapped, read_prefixes(dataset_dir), shot, seed)
     else:

@@ -207,7 +207,7 @@ class LLMCDSRTrainer(CDSRTrainer):
         m = (1 - beta1) * g_rows if m0 is None else m0[rows] * beta1 + (1 - beta1) * g_rows
         v = (1 - beta2) * g_rows * g_rows if v0 is None else v0[rows] * beta2 + (1 - beta2) * g_rows * g_rows
         zero = v == 0  # as higher: no gradient through sqrt at 0 (there m = 0 and the row stays)
-        root = torch.where(zero, torch.zeros_like(v), torch.where(zero, torch.ones_like(v), v).sqrt())
+        root = torch.where(zero, 0.0, torch.where(zero, 1.0, v).sqrt())
         return w.index_put((rows,), w_r - size * m / (root + eps))
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
