@@ -2,8 +2,12 @@
 
     python run_recbole_cdsr.py --model=SASRec --dataset=food-kitchen
     python run_recbole_cdsr.py --model=GRU4Rec --dataset=food-kitchen --config_files=my.yaml --epochs=20
+    python run_recbole_cdsr.py --benchmark=benchmarks/food-kitchen.yaml [--executor=ray]
+    python run_recbole_cdsr.py --model=SASRec --dataset=food-kitchen --tune=random --max_evals=8 --epochs=5
 
 Any other ``--key=value`` overrides a config key (highest priority, as in RecBole).
+``--benchmark`` runs a benchmark file (models x datasets x seeds, resumable) and writes its
+leaderboards; ``--tune`` searches properties/hyper/<Model>.hyper on the validation split.
 """
 
 import argparse
@@ -17,6 +21,13 @@ def main(argv=None):
     parser.add_argument("--dataset", "-d", type=str, default=None, help="dataset name")
     parser.add_argument("--config_files", type=str, default=None, help="config files, space-separated")
     parser.add_argument("--raw_path", type=str, default=None, help="release folder to convert from")
+    parser.add_argument("--benchmark", type=str, default=None, help="benchmark file (YAML) to run")
+    parser.add_argument("--executor", type=str, default="local", choices=["local", "ray"],
+                        help="where benchmark runs execute (ray: pip install -e .[ray])")
+    parser.add_argument("--ray_address", type=str, default=None, help="Ray cluster address (default: local Ray)")
+    parser.add_argument("--tune", type=str, default=None, choices=["exhaustive", "random", "bayes"],
+                        help="search the model's properties/hyper/<Model>.hyper space (validation only)")
+    parser.add_argument("--max_evals", type=int, default=10, help="trials of --tune")
     args, rest = parser.parse_known_args(argv)
     for a in rest:
         if not a.startswith("--") or "=" not in a:
@@ -25,6 +36,35 @@ def main(argv=None):
     if args.raw_path:
         cmd["raw_path"] = args.raw_path
     files = args.config_files.strip().split(" ") if args.config_files else None
+
+    if args.benchmark:
+        if args.model or args.dataset or cmd or args.tune:
+            parser.error("--benchmark takes its models, datasets and config from the benchmark file")
+        from recbole_cdsr.benchmark.runner import run_benchmark
+
+        try:
+            out = run_benchmark(args.benchmark, executor=args.executor, ray_address=args.ray_address)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if out["failed"]:
+            print(f"{len(out['failed'])} runs failed (recorded in {out['results_file']}): "
+                  + ", ".join(out["failed"]), file=sys.stderr)
+            return 1
+        return 0
+    if args.tune:
+        from recbole_cdsr.benchmark.hyper import tune_model
+
+        if not args.model or not args.dataset:
+            parser.error("--tune needs --model and --dataset")
+        try:
+            fixed = {k: _literal(v) for k, v in cmd.items()}
+            rec = tune_model(args.model, args.dataset, fixed, files, algo=args.tune, max_evals=args.max_evals)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"best parameters (validation {rec['best_valid_score']:.4f}): {rec['best_params']}")
+        return 0
 
     from recbole_cdsr.quick_start import format_results_table, run_recbole_cdsr
 
@@ -39,6 +79,16 @@ def main(argv=None):
     if out["results_file"]:
         print(f"results file: {out['results_file']}")
     return 0
+
+
+def _literal(text):
+    """A command-line value as Python would read it (``5`` -> 5, ``[1,2]`` -> list), else the string."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 if __name__ == "__main__":

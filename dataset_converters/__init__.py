@@ -6,6 +6,7 @@ from dataset_converters.llmcdsr_release import (
     convert_llmcdsr_release,
     fetch_release,
 )
+from dataset_converters.synthetic import write_synthetic_cdsr
 from dataset_converters.safe_pickle import SafePickleError, restricted_load_dict
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "fetch_release",
     "SafePickleError",
     "restricted_load_dict",
+    "write_synthetic_cdsr",
 ]

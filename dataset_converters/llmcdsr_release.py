@@ -330,13 +330,7 @@ def convert_llmcdsr_release(raw_dir, out_dir, name=None, allow_missing_single_do
             os.path.join(tmp_dir, f"{name}.manifest.json"),
             json.dumps(manifest, indent=2, sort_keys=True) + "\n",
         )
-        if os.path.exists(final_dir):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=out_dir)
-            os.rename(final_dir, os.path.join(old, name))
-            os.rename(tmp_dir, final_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp_dir, final_dir)
+        publish_dir(tmp_dir, out_dir, name)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -347,6 +341,18 @@ def convert_llmcdsr_release(raw_dir, out_dir, name=None, allow_missing_single_do
             file=sys.stderr,
         )
     return manifest
+
+
+def publish_dir(tmp_dir, out_dir, name):
+    """Rename the finished ``tmp_dir`` to ``out_dir/name``, replacing an older copy."""
+    final_dir = os.path.join(out_dir, name)
+    if os.path.exists(final_dir):
+        old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=out_dir)
+        os.rename(final_dir, os.path.join(old, name))
+        os.rename(tmp_dir, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp_dir, final_dir)
 
 
 def _write_text(path, text):

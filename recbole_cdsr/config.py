@@ -34,6 +34,9 @@ CONFIG_SCHEMA = {
     "train_view": (_STR, ("auto", "prefix", "sequence")),
     "train_neg_domain": (_STR, ("same", "any")),
     "steps_per_epoch": (_INT + _NONE, None),
+    "train_time_budget": (_NUM + _NONE, None),
+    "max_train_steps": (_INT + _NONE, None),
+    "num_threads": (_INT + _NONE, None),
     "raw_path": (_STR + _NONE, None),
     "eval_protocol": (_LIST + _STR, None),
     "eval_neg_num": (_INT, None),
@@ -188,6 +191,9 @@ class CDSRConfig(Config):
         if not topk or any(not isinstance(k, int) or k < 1 for k in topk):
             raise ConfigError(f"config key 'topk' must be positive integers, got {d.get('topk')!r}")
         d["topk"] = topk
+        for key in ("train_time_budget", "max_train_steps", "num_threads", "steps_per_epoch"):
+            if d.get(key) is not None and d[key] <= 0:
+                raise ConfigError(f"config key {key!r} must be positive (or ~ for none), got {d[key]!r}")
         if d.get("eval_neg_num", 1) < 1:
             raise ConfigError("config key 'eval_neg_num' must be >= 1")
 

@@ -83,8 +83,16 @@ def run_recbole_cdsr(
     cmd_args=None,
     saved=True,
     verbose=True,
+    evaluate_test=True,
+    save_results=None,
 ):
     """Train and evaluate one model on one cross-domain dataset.
+
+    Args:
+        saved: write checkpoints (and, unless ``save_results`` says otherwise, the results file).
+        evaluate_test: rank the test split; ``False`` (hyper-parameter search) never touches
+            it and returns ``test_result=None``.
+        save_results: write the results file (default: ``saved``).
 
     Returns:
         dict: ``best_valid_score``, ``best_valid_result``, ``test_result`` (flat RecBole
@@ -93,6 +101,17 @@ def run_recbole_cdsr(
     """
     t_start = time()
     config = CDSRConfig(model, dataset, config_file_list, config_dict, cmd_args)
+    threads_before = torch.get_num_threads()
+    if config["num_threads"]:
+        torch.set_num_threads(config["num_threads"])
+    try:
+        return _run(config, t_start, saved, verbose, evaluate_test,
+                    saved if save_results is None else save_results)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(config, t_start, saved, verbose, evaluate_test, save_results):
     if config["cpu_allocator_tuning"] and getattr(config["device"], "type", "") == "cpu":
         tune_cpu_allocator()
     init_seed(config["seed"], config["reproducibility"])
@@ -128,9 +147,12 @@ def run_recbole_cdsr(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"], verbose=verbose
     )
     t_test = time()
-    test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+    test_result, test_ranks = None, None
+    if evaluate_test:
+        test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+        test_ranks = {p: r.tolist() for p, r in trainer.last_ranks.items()}
+        logger.info(f"test result: {test_result}")
     test_seconds = time() - t_test
-    logger.info(f"test result: {test_result}")
 
     protocols = list(config["eval_protocol"])
     results = {
@@ -152,6 +174,12 @@ def run_recbole_cdsr(
             "valid": {n: int((valid_data.target_domain == d).sum()) for d, n in enumerate(ds.domain_names)},
             "test": {n: int((test_data.target_domain == d).sum()) for d, n in enumerate(ds.domain_names)},
         },
+        # per test instance (rows of the test file, in order): the target's domain and the
+        # target's rank under each protocol (for paired significance tests across models)
+        "test_instances": {
+            "target_domain": [ds.domain_names[d] for d in test_data.target_domain.tolist()],
+            "ranks": test_ranks,
+        },
         "num_parameters": int(sum(p.numel() for p in net.parameters())),
         "stages": stages,
         "timing": {
@@ -162,6 +190,8 @@ def run_recbole_cdsr(
             "test_eval_seconds": test_seconds,
             "total_seconds": time() - t_start,
             "train_steps": trainer.steps_done,
+            "batches_per_epoch": len(train_data),
+            "stopped_by_budget": trainer.stopped_by_budget,
         },
         "valid_history": trainer.eval_history,
         "versions": package_versions(),
@@ -169,9 +199,13 @@ def run_recbole_cdsr(
         "config": to_jsonable(config.final_config_dict),
     }
     results_file = None
-    if saved:
+    if save_results:
         name = f"{config['model']}-{config['dataset']}-seed{config['seed']}-{trainer.run_stamp}.json"
         results_file = os.path.join(config["results_dir"], name)
+        n = 1
+        while os.path.exists(results_file):  # two runs in the same second
+            n += 1
+            results_file = os.path.join(config["results_dir"], name[:-5] + f"-{n}.json")
         atomic_write_json(results_file, results)
         logger.info(f"results written to {results_file}")
     return {

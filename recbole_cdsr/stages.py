@@ -139,7 +139,8 @@ def prepare_llmcdsr(config):
         "inner_size": config["inner_size"], "dropout": config["hidden_dropout_prob"],
         "max_len": config["MAX_ITEM_LIST_LENGTH"], "epochs": config["pretrain_epochs"],
         "patience": config["pretrain_patience"], "batch_size": config["pretrain_batch_size"],
-        "infonce_weight": config["infonce_weight"], "tau": config["infonce_tau"], "seed": config["seed"],
+        "infonce_weight": config["infonce_weight"], "tau": config["infonce_tau"],
+        "seed": config["seed"] if config["pretrain_seed"] is None else config["pretrain_seed"],
     }
     out = pretrain_dataset(d, name, encoder, seqs, tokens, domains, emb, hp=hp, device=dev,
                            log=lambda m: logger.info(m))

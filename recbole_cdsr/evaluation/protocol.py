@@ -24,6 +24,7 @@ are prefixed: ``full:A/hit@10``.
 
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 OVERALL = "overall"
@@ -53,21 +54,28 @@ def full_ranks(scores, targets, in_domain, histories=None):
     return 1 + ((scores >= t) & mask).sum(dim=1)
 
 
+def instance_metric(ranks, metric, k):
+    """Per-instance ``metric@k`` of 1-D ``ranks`` (a tensor gives a tensor, else numpy)."""
+    m = _METRIC_NAMES[metric.lower()]
+    if isinstance(ranks, torch.Tensor):
+        r, log2 = ranks.double(), torch.log2
+    else:
+        r, log2 = np.asarray(ranks, dtype=np.float64), np.log2
+    hit = (r <= k) * 1.0
+    if m == "hit":
+        return hit
+    if m == "ndcg":
+        return hit / log2(r + 1)
+    return hit / r
+
+
 def metrics_from_ranks(ranks, metrics, topk):
     """Means of each metric@k over ``ranks`` (1-D tensor). Empty input gives 0.0."""
-    ranks = ranks.double()
     out = OrderedDict()
     for m in metrics:
-        m = _METRIC_NAMES[m.lower()]
         for k in topk:
-            hit = (ranks <= k).double()
-            if m == "hit":
-                v = hit
-            elif m == "ndcg":
-                v = hit / torch.log2(ranks + 1)
-            else:
-                v = hit / ranks
-            out[f"{m}@{k}"] = float(v.mean()) if len(ranks) else 0.0
+            v = instance_metric(ranks, m, k)
+            out[f"{_METRIC_NAMES[m.lower()]}@{k}"] = float(v.mean()) if len(ranks) else 0.0
     return out
 
 

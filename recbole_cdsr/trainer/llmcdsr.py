@@ -253,6 +253,8 @@ class LLMCDSRTrainer(CDSRTrainer):
             self.optimizer.step()
             self.steps_done += 1
             total += loss.item()
+            if self.budget_spent():
+                break
         if show_progress:
             it.close()
         return total

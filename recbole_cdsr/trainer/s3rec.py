@@ -24,6 +24,8 @@ class S3RecCDSRTrainer(CDSRTrainer):
 
     def pretrain(self, train_data, verbose=True, show_progress=False):
         for epoch_idx in range(self.pretrain_epochs):
+            if self.budget_spent():
+                break
             t0 = time()
             loss = self._train_epoch(train_data, epoch_idx, show_progress=show_progress)
             self.pretrain_seconds.append(time() - t0)
@@ -42,6 +44,8 @@ class S3RecCDSRTrainer(CDSRTrainer):
         self.optimizer = self._build_optimizer()
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        if self.time_budget_seconds is not None and self._deadline is None:
+            self._deadline = time() + self.time_budget_seconds  # pre-training counts too
         if self.model.train_stage == "pretrain":
             self.pretrain(train_data, verbose=verbose, show_progress=show_progress)
             self._switch_to_finetune()

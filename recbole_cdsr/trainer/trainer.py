@@ -47,10 +47,15 @@ class CDSRTrainer(Trainer):
         self.eval_history = []  # [{"epoch", "result"}]
         self.last_ranks = None
         self.steps_done = 0
+        budget = config["train_time_budget"]
+        self.time_budget_seconds = None if budget is None else float(budget) * 60.0
+        self._deadline = None
+        self.max_train_steps = config["max_train_steps"]
+        self.stopped_by_budget = False
         stamp = get_local_time()
         self.run_stamp = stamp
         self.checkpoint_prefix = os.path.join(
-            self.checkpoint_dir, f"{config['model']}-{config['dataset']}-{stamp}"
+            self.checkpoint_dir, f"{config['model']}-{config['dataset']}-seed{config['seed']}-{stamp}"
         )
 
     # -- setup -----------------------------------------------------------------------
@@ -75,6 +80,15 @@ class CDSRTrainer(Trainer):
         return {"joint": f"{head}/{metric}" if head else f"{OVERALL}/{metric}"}
 
     # -- training --------------------------------------------------------------------
+    def budget_spent(self):
+        """True once the training budget is spent: ``max_train_steps`` optimiser steps
+        (deterministic) or ``train_time_budget`` minutes of wall-clock time (not)."""
+        if self.max_train_steps is not None and self.steps_done >= self.max_train_steps:
+            self.stopped_by_budget = True
+        if self._deadline is not None and time() >= self._deadline:
+            self.stopped_by_budget = True
+        return self.stopped_by_budget
+
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         self.model.train()
         loss_func = loss_func or self.model.calculate_loss
@@ -111,6 +125,8 @@ class CDSRTrainer(Trainer):
             scaler.step(self.optimizer)
             scaler.update()
             self.steps_done += 1
+            if self.budget_spent():
+                break
         if show_progress:
             iter_data.close()
         return total_loss
@@ -124,6 +140,8 @@ class CDSRTrainer(Trainer):
         stale = {k: 0 for k in keys}
         evaluated = False
         epoch_idx = self.start_epoch - 1
+        if self.time_budget_seconds is not None and self._deadline is None:
+            self._deadline = time() + self.time_budget_seconds
         for epoch_idx in range(self.start_epoch, self.epochs):
             t0 = time()
             loss = self._train_epoch(train_data, epoch_idx, show_progress=show_progress)
@@ -132,7 +150,16 @@ class CDSRTrainer(Trainer):
             self.train_loss_dict[epoch_idx] = sum(loss) if isinstance(loss, tuple) else loss
             if verbose:
                 self.logger.info(self._generate_train_loss_output(epoch_idx, t0, t1, loss))
-            if self.eval_step <= 0 or valid_data is None or (epoch_idx + 1) % self.eval_step:
+            budget_spent = self.budget_spent()
+            if budget_spent and verbose:
+                self.logger.info(
+                    f"training budget spent (epoch {epoch_idx}, {self.steps_done} steps): "
+                    "last evaluation, then stop"
+                )
+            can_eval = self.eval_step > 0 and valid_data is not None
+            if not can_eval or ((epoch_idx + 1) % self.eval_step and not budget_spent):
+                if budget_spent:
+                    break
                 continue
             evaluated = True
             v0 = time()
@@ -162,6 +189,8 @@ class CDSRTrainer(Trainer):
                 self.logger.info(set_color("valid result", "blue") + f": {_fmt(result)}")
             if callback_fn:
                 callback_fn(epoch_idx, sum(result[key] for key in keys.values()) / len(keys))
+            if budget_spent:
+                break
             if all(s >= self.stopping_step for s in stale.values()):
                 if verbose:
                     self.logger.info(

@@ -1,0 +1,128 @@
+"""Hyper-parameter search with RecBole's ``HyperTuning``, on the validation split only.
+
+The search space of a model is ``properties/hyper/<Model>.hyper`` in RecBole's format (one
+``name type values`` line per key: ``choice [..]``, ``uniform lo,hi``, ``quniform lo,hi,q``,
+``loguniform lo,hi``). Each trial trains under the CDSR protocol with the test split never
+ranked (``evaluate_test=False``); the objective is the trainer's best validation score
+(with per-domain selection: the mean of the domains' best ``valid_metric``).
+
+A search's result is cached in ``<output_dir>/hyper/<dataset>-<name>.json`` with what it was
+built from (space file hash, base config, budget, algorithm, evaluations, seed, data
+fingerprint) and every trial's validation result; the benchmark then runs the model with
+the best parameters. hyperopt's own randomness is seeded (``HYPEROPT_FMIN_SEED``), so the
+same inputs give the same trials.
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+from recbole_cdsr.benchmark.spec import BenchmarkError
+from recbole_cdsr.utils import atomic_write_json, properties_dir, sha256_file, to_jsonable
+
+HYPER_FORMAT_VERSION = 1
+
+
+def space_file(model):
+    path = os.path.join(properties_dir(), "hyper", f"{model}.hyper")
+    if not os.path.isfile(path):
+        raise BenchmarkError(
+            f"no search space for {model}: write {path} (RecBole's .hyper format, e.g. "
+            "'learning_rate choice [0.001,0.0005]')"
+        )
+    return path
+
+
+def tune_model(model, dataset, base_config, config_files=None, params_file=None, algo="random",
+               max_evals=10, early_stop=10, seed=2020, cache_file=None, extra_identity=None, stream=None):
+    """Search ``model``'s space on ``dataset``; return the cache record (``best_params`` ...).
+
+    ``base_config`` holds every fixed key (budget included); trial values override it.
+    With ``cache_file``, a record built from the same inputs is returned without running.
+    """
+    from recbole.trainer import HyperTuning
+
+    from recbole_cdsr.quick_start import run_recbole_cdsr
+
+    stream = stream or sys.stdout
+    params_file = params_file or space_file(model)
+    identity = {
+        "format_version": HYPER_FORMAT_VERSION, "model": model, "dataset": dataset,
+        "space_sha256": sha256_file(params_file), "base_config": to_jsonable(base_config),
+        "config_files": [sha256_file(f) for f in (config_files or [])], "algo": algo,
+        "max_evals": max_evals, "early_stop": early_stop, "seed": seed, "extra": extra_identity,
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if cache_file and os.path.isfile(cache_file):
+        with open(cache_file) as f:
+            rec = json.load(f)
+        if rec.get("key") == key:
+            print(f"hyper {model} on {dataset}: cached ({cache_file})", file=stream, flush=True)
+            return rec
+    trials = []
+
+    def objective(params, _files):
+        cfg = dict(base_config)
+        cfg.update(params)
+        cfg["seed"] = seed
+        out = run_recbole_cdsr(model, dataset, config_files or None, cfg, saved=False,
+                               save_results=False, verbose=False, evaluate_test=False)
+        trials.append({"params": to_jsonable(params), "best_valid_score": out["best_valid_score"],
+                       "best_valid_result": to_jsonable(out["best_valid_result"])})
+        print(f"hyper {model} on {dataset}: trial {len(trials)} {to_jsonable(params)} -> "
+              f"valid {out['best_valid_score']:.4f}", file=stream, flush=True)
+        return {"model": model, "best_valid_score": out["best_valid_score"], "valid_score_bigger": True,
+                "best_valid_result": out["best_valid_result"], "test_result": None}
+
+    old = os.environ.get("HYPEROPT_FMIN_SEED")
+    os.environ["HYPEROPT_FMIN_SEED"] = str(seed)
+    try:
+        tuner = HyperTuning(objective, params_file=params_file, algo=algo, max_evals=max_evals,
+                            early_stop=early_stop)
+        _quiet_print(tuner.run)
+    finally:
+        if old is None:
+            os.environ.pop("HYPEROPT_FMIN_SEED", None)
+        else:
+            os.environ["HYPEROPT_FMIN_SEED"] = old
+    best = max(trials, key=lambda t: t["best_valid_score"])
+    rec = {
+        "key": key, "identity": identity, "params_file": params_file,
+        "best_params": best["params"], "best_valid_score": best["best_valid_score"],
+        "trials": trials, "note": "selected on the validation split; the test split was never ranked",
+    }
+    if cache_file:
+        atomic_write_json(cache_file, rec)
+    return rec
+
+
+def _quiet_print(fn):
+    """HyperTuning prints every new best (its test result is None here); keep stdout clean."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn()
+
+
+def tune_benchmark(spec, fingerprints, stream=None):
+    """Run (or reuse) every search of the benchmark; ``{(dataset, name): best_params}``."""
+    from recbole_cdsr.benchmark.runner import _base_config, calibrate_budgets
+
+    h = spec.hyper
+    steps = calibrate_budgets(spec, fingerprints, budget=h["budget"], names=h["models"], stream=stream)
+    out = {}
+    for ds in spec.datasets:
+        for name in h["models"]:
+            entry = spec.entry(name)
+            base = _base_config(spec, entry, ds, h["budget"], steps=steps.get((ds, name)))
+            base.pop("seed", None)
+            cache = os.path.join(spec.output_dir, "hyper", f"{ds}-{name}.json")
+            rec = tune_model(
+                entry.model, ds, base, spec.config_files, algo=h["algo"], max_evals=h["max_evals"],
+                early_stop=h["early_stop"], seed=h["seed"], cache_file=cache,
+                extra_identity={"data": fingerprints[ds]}, stream=stream,
+            )
+            out[(ds, name)] = rec["best_params"]
+    return out

@@ -1,0 +1,258 @@
+"""Leaderboards from ``results.jsonl``: Markdown, CSV and a PNG chart per dataset.
+
+For each dataset, protocol, domain and metric: mean and sample standard deviation
+(``ddof=1``; one seed gives no std) over the seeds of each model; seconds per training
+epoch; the best mean marked; and a paired two-sided t-test of each model against the best
+baseline of that column. The test pairs test instances: each instance's metric (from its
+rank, stored per instance in every results line) is averaged over the model's seeds, and
+the two models' per-instance values are compared with ``scipy.stats.ttest_rel``. Every
+model sees the same instances and, under the sampled protocol, the same candidates, so the
+pairing is exact.
+
+Only lines of the benchmark's current plan count: the latest ``ok`` line of each planned
+run key with the planned config hash. Runs without such a line are listed as missing or
+failed.
+"""
+
+import csv
+import io
+import math
+import os
+from collections import OrderedDict
+
+import numpy as np
+
+from recbole_cdsr.evaluation.protocol import instance_metric
+from recbole_cdsr.utils import atomic_write_bytes
+
+#: (result key metric, label) in the CSV and in the Markdown's second table
+METRICS = (
+    ("hit@1", "HR@1"), ("hit@5", "HR@5"), ("hit@10", "HR@10"),
+    ("ndcg@5", "NDCG@5"), ("ndcg@10", "NDCG@10"), ("mrr@10", "MRR@10"),
+)
+MAIN_METRICS = ("hit@10", "ndcg@10")
+DETAIL_METRICS = ("hit@1", "hit@5", "ndcg@5", "mrr@10")
+LABEL = dict(METRICS)
+ALPHA = 0.05
+
+
+def select_lines(runs, lines):
+    """``{dataset: {name: [line per seed]}}`` of the planned runs' latest ok lines, and
+    ``{dataset: {name: [run_key, ...]}}`` of planned runs without one."""
+    latest = {}
+    for ln in lines:
+        if ln.get("status") == "ok":
+            latest[(ln["run_key"], ln["config_hash"])] = ln
+    found, missing = OrderedDict(), OrderedDict()
+    for r in runs:
+        ln = latest.get((r["run_key"], r["config_hash"]))
+        if ln is None:
+            missing.setdefault(r["dataset"], OrderedDict()).setdefault(r["name"], []).append(r["run_key"])
+        else:
+            found.setdefault(r["dataset"], OrderedDict()).setdefault(r["name"], []).append(ln)
+    return found, missing
+
+
+def seconds_per_epoch(line):
+    """Training seconds per full epoch: measured seconds per step x batches per epoch
+    (equal to the measured epoch time when epochs were not capped)."""
+    t = line.get("timing") or {}
+    steps, secs, per = t.get("train_steps"), t.get("train_epoch_seconds"), t.get("batches_per_epoch")
+    if not steps or not secs or not per:
+        return float("nan")
+    return sum(secs) / steps * per
+
+
+def _mean_std(values):
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    if not v:
+        return float("nan"), float("nan")
+    mean = float(np.mean(v))
+    std = float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
+    return mean, std
+
+
+def _instance_values(lines, protocol, domain, metric):
+    """Per-instance metric of one model, averaged over its seeds ([n] array) or None."""
+    per_seed = []
+    for ln in lines:
+        inst = ln.get("test_instances") or {}
+        ranks = (inst.get("ranks") or {}).get(protocol)
+        doms = inst.get("target_domain")
+        if ranks is None or doms is None:
+            return None
+        sel = np.array([d == domain for d in doms])
+        name, k = metric.split("@")
+        per_seed.append(instance_metric(np.asarray(ranks)[sel], name, int(k)))
+    return np.mean(per_seed, axis=0) if per_seed else None
+
+
+def paired_p_value(x, y):
+    """Two-sided paired t-test p-value (1.0 when the two are identical)."""
+    from scipy import stats
+
+    if x is None or y is None or len(x) != len(y) or len(x) < 2:
+        return float("nan")
+    d = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+    if np.all(d == d[0]):
+        return 1.0 if d[0] == 0 else 0.0
+    return float(stats.ttest_rel(x, y).pvalue)
+
+
+def summarize(spec, dataset, by_name):
+    """Rows of one dataset's leaderboard: one dict per (protocol, domain, model, metric)."""
+    names = [m.name for m in spec.models if m.name in by_name]
+    domains = []
+    for lines in by_name.values():
+        for d in (lines[0].get("instances") or {}).get("test", {}):
+            if d not in domains:
+                domains.append(d)
+    rows = []
+    for protocol in spec.protocols:
+        for domain in domains:
+            for metric, _ in METRICS:
+                key = f"{domain}/{metric}"
+                stats_ = {}
+                for n in names:
+                    vals = [((ln.get("test") or {}).get(protocol) or {}).get(key) for ln in by_name[n]]
+                    stats_[n] = _mean_std(vals)
+                base = [n for n in names if n in spec.baselines and not math.isnan(stats_[n][0])]
+                best_base = max(base, key=lambda n: stats_[n][0]) if base else None
+                valid = [n for n in names if not math.isnan(stats_[n][0])]
+                best = max(valid, key=lambda n: stats_[n][0]) if valid else None
+                ref = _instance_values(by_name[best_base], protocol, domain, metric) if best_base else None
+                for n in names:
+                    p = float("nan")
+                    if best_base is not None and n != best_base:
+                        p = paired_p_value(_instance_values(by_name[n], protocol, domain, metric), ref)
+                    rows.append(OrderedDict(
+                        dataset=dataset, protocol=protocol, domain=domain, model=n, metric=metric,
+                        mean=stats_[n][0], std=stats_[n][1], seeds=len(by_name[n]),
+                        best=(n == best), best_baseline=best_base, p_value=p,
+                        significant=(not math.isnan(p) and p < ALPHA),
+                        sec_per_epoch=_mean_std([seconds_per_epoch(ln) for ln in by_name[n]])[0],
+                    ))
+    return rows
+
+
+def _cell(row):
+    if math.isnan(row["mean"]):
+        return "-"
+    s = f"{row['mean']:.4f}"
+    if not math.isnan(row["std"]):
+        s += f" ± {row['std']:.4f}"
+    if row["best"]:
+        s = f"**{s}**"
+    if row["significant"]:
+        s += " †"
+    return s
+
+
+def to_markdown(spec, dataset, rows, missing=None):
+    out = io.StringIO()
+    names = []
+    for r in rows:
+        if r["model"] not in names:
+            names.append(r["model"])
+    domains = []
+    for r in rows:
+        if r["domain"] not in domains:
+            domains.append(r["domain"])
+    idx = {(r["protocol"], r["domain"], r["model"], r["metric"]): r for r in rows}
+    seeds = {r["model"]: r["seeds"] for r in rows}
+    spe = {r["model"]: r["sec_per_epoch"] for r in rows}
+    out.write(f"# Leaderboard: {dataset} (benchmark {spec.name})\n\n")
+    out.write(
+        f"Mean ± std over seeds {', '.join(map(str, spec.seeds))} (sample std). **Bold**: best mean "
+        f"of the column. †: differs from the column's best baseline (paired two-sided t-test over "
+        f"test instances, p < {ALPHA}). Baselines: {', '.join(spec.baselines) or 'none'}.\n"
+    )
+    for protocol in spec.protocols:
+        what = "target vs the same sampled negatives of its domain" if protocol == "sampled" else \
+            "target vs every item of its domain"
+        out.write(f"\n## {protocol} protocol ({what})\n\n")
+        head = ["model"] + [f"{d} {LABEL[m]}" for d in domains for m in MAIN_METRICS] + ["s/epoch", "seeds"]
+        out.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
+        for n in names:
+            cells = [n] + [_cell(idx[(protocol, d, n, m)]) for d in domains for m in MAIN_METRICS]
+            cells += ["-" if math.isnan(spe[n]) else f"{spe[n]:.1f}", str(seeds[n])]
+            out.write("| " + " | ".join(cells) + " |\n")
+        out.write(f"\nMore cut-offs ({protocol}):\n\n")
+        head = ["model"] + [f"{d} {LABEL[m]}" for d in domains for m in DETAIL_METRICS]
+        out.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
+        for n in names:
+            cells = [n] + [_cell(idx[(protocol, d, n, m)]) for d in domains for m in DETAIL_METRICS]
+            out.write("| " + " | ".join(cells) + " |\n")
+    if missing:
+        out.write("\nRuns without a finished result (failed or not run yet): "
+                  + ", ".join(k for keys in missing.values() for k in keys) + "\n")
+    return out.getvalue()
+
+
+def to_csv(rows):
+    out = io.StringIO()
+    fields = ["dataset", "protocol", "domain", "model", "metric", "mean", "std", "seeds", "best",
+              "best_baseline", "p_value", "significant", "sec_per_epoch"]
+    w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in fields})
+    return out.getvalue()
+
+
+def plot_png(spec, dataset, rows, path):
+    """Per-domain bars with error bars (std over seeds): one panel per protocol and metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, domains = [], []
+    for r in rows:
+        if r["model"] not in names:
+            names.append(r["model"])
+        if r["domain"] not in domains:
+            domains.append(r["domain"])
+    idx = {(r["protocol"], r["domain"], r["model"], r["metric"]): r for r in rows}
+    fig, axes = plt.subplots(len(spec.protocols), len(MAIN_METRICS), squeeze=False,
+                             figsize=(max(6.0, 0.55 * len(names) * len(MAIN_METRICS) + 2), 3.2 * len(spec.protocols)))
+    width = 0.8 / max(1, len(domains))
+    x = np.arange(len(names))
+    for i, protocol in enumerate(spec.protocols):
+        for j, metric in enumerate(MAIN_METRICS):
+            ax = axes[i][j]
+            for k, d in enumerate(domains):
+                rs = [idx[(protocol, d, n, metric)] for n in names]
+                means = [0.0 if math.isnan(r["mean"]) else r["mean"] for r in rs]
+                errs = [0.0 if math.isnan(r["std"]) else r["std"] for r in rs]
+                ax.bar(x + (k - (len(domains) - 1) / 2) * width, means, width, yerr=errs, capsize=2, label=f"domain {d}")
+            ax.set_xticks(x)
+            ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+            ax.set_title(f"{dataset}: {LABEL[metric]} ({protocol})", fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def write_leaderboards(spec, runs, lines, out_dir=None):
+    """Write ``leaderboard-<dataset>.{md,csv,png}``; return ``{dataset: {kind: path}}``."""
+    out_dir = out_dir or spec.output_dir
+    found, missing = select_lines(runs, lines)
+    reports = {}
+    for ds in spec.datasets:
+        by_name = found.get(ds)
+        if not by_name:
+            continue
+        rows = summarize(spec, ds, by_name)
+        base = os.path.join(out_dir, f"leaderboard-{ds}")
+        atomic_write_bytes(base + ".md", to_markdown(spec, ds, rows, missing.get(ds)).encode())
+        atomic_write_bytes(base + ".csv", to_csv(rows).encode())
+        plot_png(spec, ds, rows, base + ".png")
+        reports[ds] = {"markdown": base + ".md", "csv": base + ".csv", "png": base + ".png", "rows": rows}
+    return reports

@@ -1,0 +1,368 @@
+"""Run a benchmark's matrix (datasets x models x seeds), resumably, locally or on Ray.
+
+``run_benchmark("benchmarks/food-kitchen.yaml")``:
+
+1. checks the file (models, config keys and budget, before anything runs) and makes sure
+   each dataset's atomic files exist (converting a release when ``raw_path`` is set);
+2. runs the hyper-parameter searches the file asks for (cached, see ``hyper.py``) and, for
+   a budget in minutes, turns it into a step count per model (cached, ``calibration.py``);
+3. plans every run with its full config and a config hash (the config, the config files'
+   contents and the dataset files' fingerprint), and skips every run that
+   ``results.jsonl`` already holds as finished with the same hash;
+4. runs the rest, appending one line per run to ``results.jsonl`` as it ends (a run that
+   raises is recorded as ``failed`` with its error, and the others go on; failed runs are
+   tried again by the next invocation);
+5. writes the leaderboards (Markdown, CSV, PNG) from ``results.jsonl``.
+
+A line of ``results.jsonl`` is the run's results file (see ``quick_start``) plus
+``benchmark``, ``name`` (the leaderboard label), ``run_key`` (``dataset/name/seedN``),
+``config_hash``, ``status`` and ``wall_seconds``. Deleting a line reruns exactly that run.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import traceback
+from datetime import datetime, timezone
+from time import time
+
+from recbole_cdsr.benchmark.spec import BenchmarkError, BenchmarkSpec, load_benchmark
+
+#: config keys that say where files go or how much is printed: not part of the config hash
+NON_HASHED_KEYS = ("checkpoint_dir", "results_dir", "show_progress", "state", "data_path")
+RESULTS_FILE = "results.jsonl"
+
+
+# -- planning ------------------------------------------------------------------------
+def _sha256_bytes(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha(path):
+    from recbole_cdsr.utils import sha256_file
+
+    return sha256_file(path)
+
+
+def dataset_fingerprint(data_path, dataset):
+    """sha256 over the dataset's atomic files (the converter's manifest when it has one)."""
+    d = os.path.join(data_path, dataset)
+    manifest = os.path.join(d, f"{dataset}.manifest.json")
+    if os.path.isfile(manifest):
+        return "manifest:" + _file_sha(manifest)
+    parts = []
+    for suffix in ("item", "user", "train.inter", "valid.inter", "test.inter"):
+        p = os.path.join(d, f"{dataset}.{suffix}")
+        if os.path.isfile(p):
+            parts.append(f"{suffix}:{_file_sha(p)}")
+    if not parts:
+        raise BenchmarkError(f"dataset {dataset!r}: no atomic files in {d}")
+    return "files:" + _sha256_bytes("\n".join(parts).encode())
+
+
+def config_hash(run, fingerprint):
+    ident = {
+        "model": run["model"],
+        "dataset": run["dataset"],
+        "seed": run["seed"],
+        "config": {k: v for k, v in run["config"].items() if k not in NON_HASHED_KEYS},
+        "config_files": [_file_sha(f) for f in run["config_files"]],
+        "data": fingerprint,
+    }
+    return _sha256_bytes(json.dumps(ident, sort_keys=True, default=str).encode())[:16]
+
+
+def _base_config(spec, entry, dataset, budget, tuned=None, steps=None):
+    cfg = dict(spec.config)
+    cfg.update(BenchmarkSpec.budget_config(budget, steps))
+    cfg["eval_protocol"] = list(spec.protocols)
+    if spec.threads:
+        cfg["num_threads"] = spec.threads
+    cfg.update(spec.overrides.get(entry.name, {}))
+    cfg.update(entry.config)
+    cfg.update(tuned or {})  # a searched key takes its searched value
+    cfg["data_path"] = os.path.abspath(cfg.get("data_path", "dataset/"))
+    return cfg
+
+
+def prepare_datasets(spec):
+    """Make sure every dataset's atomic files exist; return ``{dataset: fingerprint}``."""
+    from recbole_cdsr.config import CDSRConfig
+    from recbole_cdsr.data.utils import ensure_atomic_files
+
+    out = {}
+    for ds in spec.datasets:
+        entry = spec.models[0]
+        cfg = _base_config(spec, entry, ds, spec.budget)
+        config = CDSRConfig(entry.model, ds, spec.config_files or None, cfg)
+        try:
+            ensure_atomic_files(config)
+        except FileNotFoundError as e:
+            raise BenchmarkError(f"dataset {ds!r}: {e}") from None
+        out[ds] = dataset_fingerprint(cfg["data_path"], ds)
+    return out
+
+
+def calibrate_budgets(spec, fingerprints, tuned=None, budget=None, names=None, stream=None):
+    """``{(dataset, name): max_train_steps}`` for a budget in minutes (else empty)."""
+    from recbole_cdsr.benchmark.calibration import calibrated_steps
+
+    budget = budget or spec.budget
+    if budget.get("minutes") is None:
+        return {}
+    tuned = tuned or {}
+    out = {}
+    for ds in spec.datasets:
+        for entry in spec.models:
+            if names is not None and entry.name not in names:
+                continue
+            cfg = _base_config(spec, entry, ds, budget, tuned.get((ds, entry.name)))
+            cfg["seed"] = spec.seeds[0]
+            out[(ds, entry.name)], _ = calibrated_steps(
+                spec.output_dir, f"{ds}/{entry.name}", entry.model, ds, cfg, spec.config_files,
+                fingerprints[ds], budget["minutes"], budget["calibration_steps"], stream,
+            )
+    return out
+
+
+def plan_runs(spec, fingerprints, tuned=None, steps=None, check=True):
+    """Every run of the matrix (dataset, then seed, then model), each a plain dict.
+
+    ``tuned``: ``{(dataset, name): params}`` from the searches; ``steps``:
+    ``{(dataset, name): max_train_steps}`` from the calibration of a budget in minutes."""
+    from recbole_cdsr.config import CDSRConfig
+
+    tuned = tuned or {}
+    steps = steps or {}
+    runs = []
+    for ds in spec.datasets:
+        for seed in spec.seeds:
+            for entry in spec.models:
+                key = (ds, entry.name)
+                cfg = _base_config(spec, entry, ds, spec.budget, tuned.get(key), steps.get(key))
+                cfg["seed"] = seed
+                run = {
+                    "benchmark": spec.name,
+                    "dataset": ds,
+                    "model": entry.model,
+                    "name": entry.name,
+                    "seed": seed,
+                    "config": cfg,
+                    "config_files": list(spec.config_files),
+                    "run_key": f"{ds}/{entry.name}/seed{seed}",
+                    "output_dir": spec.output_dir,
+                    "save_checkpoints": spec.save_checkpoints,
+                }
+                if check:  # wrong keys/types fail here, before anything runs
+                    try:
+                        CDSRConfig(entry.model, ds, spec.config_files or None, dict(cfg))
+                    except ValueError as e:
+                        raise BenchmarkError(f"{spec.path or spec.name}: run {run['run_key']}: {e}") from None
+                run["config_hash"] = config_hash(run, fingerprints[ds])
+                runs.append(run)
+    return runs
+
+
+# -- results.jsonl -------------------------------------------------------------------
+class ResultsStore:
+    """Append-only JSON lines; a half-written last line (a crash) is dropped on reading."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def read(self):
+        if not os.path.isfile(self.path):
+            return []
+        with open(self.path, "rb") as f:
+            data = f.read()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            print(f"{self.path}: dropping a half-written last line (an interrupted run)", file=sys.stderr)
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+            data = data[:cut]
+        out = []
+        for i, ln in enumerate(data.decode("utf-8").splitlines(), 1):
+            if not ln.strip():
+                continue
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError as e:
+                raise BenchmarkError(f"{self.path} line {i}: not a JSON object ({e}); fix or delete that line") from None
+            if not isinstance(obj, dict) or "run_key" not in obj or "config_hash" not in obj:
+                raise BenchmarkError(f"{self.path} line {i}: not a benchmark run line (no run_key/config_hash)")
+            out.append(obj)
+        return out
+
+    def append(self, line):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        text = json.dumps(line, sort_keys=True, default=str) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def finished_keys(lines):
+    return {(ln["run_key"], ln["config_hash"]) for ln in lines if ln.get("status") == "ok"}
+
+
+# -- executing one run ---------------------------------------------------------------
+def execute_run(run):
+    """Train and test one run; return its results.jsonl line (never raises for a run error)."""
+    from recbole_cdsr.quick_start import run_recbole_cdsr
+
+    t0 = time()
+    cfg = dict(run["config"])
+    cfg["checkpoint_dir"] = os.path.join(run["output_dir"], "checkpoints")
+    cfg["results_dir"] = os.path.join(run["output_dir"], "runs")
+    cfg["show_progress"] = False
+    try:
+        out = run_recbole_cdsr(
+            run["model"], run["dataset"], run["config_files"] or None, cfg,
+            saved=run["save_checkpoints"], save_results=True, verbose=False,
+        )
+        line = dict(out["results"])
+        line["results_file"] = out["results_file"]
+        line["status"] = "ok"
+    except Exception as e:  # a failing run is recorded, the benchmark goes on
+        line = failed_line(run, e, traceback.format_exc(limit=30))
+    line.update(
+        benchmark=run["benchmark"], name=run["name"], run_key=run["run_key"],
+        config_hash=run["config_hash"], wall_seconds=time() - t0,
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    return line
+
+
+def failed_line(run, error, tb=None):
+    return {
+        "model": run["model"], "dataset": run["dataset"], "seed": run["seed"],
+        "status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": tb,
+        "benchmark": run["benchmark"], "name": run["name"], "run_key": run["run_key"],
+        "config_hash": run["config_hash"],
+    }
+
+
+class Progress:
+    def __init__(self, total, skipped, stream=None):
+        self.total, self.skipped, self.done = total, skipped, 0
+        self.t0 = time()
+        self.stream = stream or sys.stdout
+
+    def update(self, line):
+        self.done += 1
+        elapsed = time() - self.t0
+        left = self.total - self.skipped - self.done
+        eta = elapsed / self.done * left
+        what = "ok" if line.get("status") == "ok" else f"FAILED ({line.get('error', '')[:200]})"
+        print(
+            f"[{self.skipped + self.done}/{self.total}] {line['run_key']}: {what} "
+            f"in {line.get('wall_seconds', 0):.1f} s; {left} to go, ETA {_fmt_seconds(eta)}",
+            file=self.stream, flush=True,
+        )
+
+
+def _fmt_seconds(s):
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# -- executors -----------------------------------------------------------------------
+def run_local(pending, store, progress):
+    for run in pending:
+        line = execute_run(run)
+        store.append(line)
+        progress.update(line)
+
+
+def run_ray(pending, store, progress, address=None, cpus_per_run=1):
+    """Each run a Ray task (``cpus_per_run`` CPUs); lines appended as runs end.
+
+    ``address``: None starts a local Ray; an address (``ray://host:10001`` or
+    ``host:6379``) joins a running cluster, whose nodes must have the package installed
+    and see the same data, output and config paths.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise BenchmarkError("executor 'ray' needs Ray: pip install -e .[ray]") from None
+    started = False
+    if not ray.is_initialized():
+        kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        if address:
+            kwargs["address"] = address
+        ray.init(**kwargs)
+        started = True
+    try:
+        task = ray.remote(num_cpus=cpus_per_run, max_retries=0)(execute_run)
+        refs = {task.remote(run): run for run in pending}
+        while refs:
+            done, _ = ray.wait(list(refs), num_returns=1)
+            for ref in done:
+                run = refs.pop(ref)
+                try:
+                    line = ray.get(ref)
+                except Exception as e:  # the worker itself died (out of memory, killed)
+                    line = failed_line(run, e)
+                    line["wall_seconds"] = None
+                store.append(line)
+                progress.update(line)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+EXECUTORS = ("local", "ray")
+
+
+def run_benchmark(spec, executor="local", ray_address=None, write_reports=True, stream=None):
+    """Run (or resume) a benchmark; return a summary dict.
+
+    Args:
+        spec: a path to a benchmark file or a :class:`BenchmarkSpec`.
+        executor: ``local`` (one run after the other, in this process) or ``ray``.
+    """
+    if executor not in EXECUTORS:
+        raise BenchmarkError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
+    if not isinstance(spec, BenchmarkSpec):
+        spec = load_benchmark(spec)
+    stream = stream or sys.stdout
+    os.makedirs(spec.output_dir, exist_ok=True)
+    fingerprints = prepare_datasets(spec)
+    tuned = {}
+    if spec.hyper:
+        from recbole_cdsr.benchmark.hyper import tune_benchmark
+
+        tuned = tune_benchmark(spec, fingerprints, stream=stream)
+    steps = calibrate_budgets(spec, fingerprints, tuned, stream=stream)
+    runs = plan_runs(spec, fingerprints, tuned, steps)
+    store = ResultsStore(os.path.join(spec.output_dir, RESULTS_FILE))
+    done = finished_keys(store.read())
+    pending = [r for r in runs if (r["run_key"], r["config_hash"]) not in done]
+    skipped = len(runs) - len(pending)
+    print(
+        f"benchmark {spec.name}: {len(runs)} runs ({len(spec.datasets)} datasets x {len(spec.models)} "
+        f"models x {len(spec.seeds)} seeds), {skipped} already finished, {len(pending)} to run "
+        f"({executor})", file=stream, flush=True,
+    )
+    progress = Progress(len(runs), skipped, stream)
+    if pending:
+        if executor == "ray":
+            run_ray(pending, store, progress, ray_address, spec.threads or 1)
+        else:
+            run_local(pending, store, progress)
+    lines = store.read()
+    failed = [r["run_key"] for r in runs if (r["run_key"], r["config_hash"]) not in finished_keys(lines)]
+    reports = {}
+    if write_reports:
+        from recbole_cdsr.benchmark.leaderboard import write_leaderboards
+
+        reports = write_leaderboards(spec, runs, lines)
+        for ds, files in reports.items():
+            print(f"leaderboard {ds}: {files['markdown']}", file=stream, flush=True)
+    return {
+        "runs": len(runs), "skipped": skipped, "ran": len(pending), "failed": failed,
+        "results_file": store.path, "reports": reports, "tuned": tuned, "steps": steps,
+    }

@@ -1,0 +1,324 @@
+"""The benchmark runner: resumable matrix, failures, leaderboard statistics, chart, Ray,
+hyper-parameter search on validation only, time budgets."""
+
+import csv
+import json
+import os
+import statistics
+
+import numpy as np
+import pytest
+import yaml
+
+from dataset_converters import write_synthetic_cdsr
+from recbole_cdsr.benchmark.leaderboard import METRICS
+from recbole_cdsr.benchmark.runner import ResultsStore, plan_runs, prepare_datasets, run_benchmark
+from recbole_cdsr.benchmark.spec import BenchmarkError, load_benchmark
+
+TINY = {  # small enough for seconds per run, big enough to learn something
+    "eval_neg_num": 20,
+    "train_batch_size": 256,
+    "MAX_ITEM_LIST_LENGTH": 12,
+    "hidden_size": 16,
+    "inner_size": 32,
+    "embedding_size": 16,
+    "stopping_step": 2,
+    "state": "WARNING",
+    "use_gpu": False,
+}
+
+
+@pytest.fixture(scope="module")
+def syn_data(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("syn"))
+    write_synthetic_cdsr(d, "tiny-cdsr", seed=0)
+    return d
+
+
+def write_spec(tmp_path, data_path, name="tiny", models=("SASRec", "GRU4Rec"), seeds=(1, 2), out="out", **kw):
+    raw = {
+        "name": name,
+        "datasets": ["tiny-cdsr"],
+        "models": list(models),
+        "seeds": list(seeds),
+        "protocols": ["sampled", "full"],
+        "budget": {"epochs": 2},
+        "threads": 1,
+        "config": dict(TINY, data_path=data_path),
+        "output_dir": str(tmp_path / out),
+        "save_checkpoints": False,
+    }
+    raw.update(kw)
+    path = tmp_path / f"{name}-{out}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def read_lines(path):
+    with open(path) as f:
+        return [json.loads(ln) for ln in f]
+
+
+def test_matrix_runs_rerun_does_nothing_and_a_deleted_line_reruns_exactly_that_run(tmp_path, syn_data):
+    spec = write_spec(tmp_path, syn_data)
+    out = run_benchmark(spec)
+    assert (out["runs"], out["skipped"], out["ran"], out["failed"]) == (4, 0, 4, [])
+    res = out["results_file"]
+    lines = read_lines(res)
+    assert sorted(ln["run_key"] for ln in lines) == [
+        "tiny-cdsr/GRU4Rec/seed1", "tiny-cdsr/GRU4Rec/seed2", "tiny-cdsr/SASRec/seed1", "tiny-cdsr/SASRec/seed2"
+    ]
+    for ln in lines:
+        assert ln["status"] == "ok" and ln["benchmark"] == "tiny" and len(ln["config_hash"]) == 16
+        assert ln["seed"] == int(ln["run_key"][-1]) and ln["config"]["epochs"] == 2
+        assert set(ln["test"]) == {"sampled", "full"}
+        assert len(ln["test_instances"]["ranks"]["full"]) == 60  # the synthetic test split
+
+    before = open(res, "rb").read()
+    again = run_benchmark(spec)
+    assert (again["skipped"], again["ran"]) == (4, 0)
+    assert open(res, "rb").read() == before
+
+    # delete SASRec seed 2's line: exactly that run comes back, with the same numbers
+    victim = next(ln for ln in lines if ln["run_key"] == "tiny-cdsr/SASRec/seed2")
+    with open(res, "w") as f:
+        f.writelines(json.dumps(ln) + "\n" for ln in lines if ln is not victim)
+    third = run_benchmark(spec)
+    assert (third["skipped"], third["ran"]) == (3, 1)
+    new = read_lines(res)
+    assert len(new) == 4 and new[-1]["run_key"] == "tiny-cdsr/SASRec/seed2"
+    assert new[-1]["test"] == victim["test"]  # same seed, same config: same metrics
+    assert new[-1]["test_instances"] == victim["test_instances"]
+
+
+def test_failing_model_is_recorded_and_the_others_finish(tmp_path, syn_data, capsys):
+    from run_recbole_cdsr import main
+
+    bad = {"model": "SASRec", "name": "SASRec-bad", "config": {"n_heads": 3}}  # 16 % 3 != 0
+    spec = write_spec(tmp_path, syn_data, models=["GRU4Rec", bad], seeds=[1])
+    assert main([f"--benchmark={spec}"]) == 1
+    err = capsys.readouterr().err
+    assert "1 runs failed" in err and "tiny-cdsr/SASRec-bad/seed1" in err
+    lines = {ln["run_key"]: ln for ln in read_lines(tmp_path / "out" / "results.jsonl")}
+    assert lines["tiny-cdsr/GRU4Rec/seed1"]["status"] == "ok"
+    failed = lines["tiny-cdsr/SASRec-bad/seed1"]
+    assert failed["status"] == "failed"
+    assert "hidden size" in failed["error"] and "attention heads" in failed["error"]
+    assert "Traceback" in failed["traceback"]
+    md = (tmp_path / "out" / "leaderboard-tiny-cdsr.md").read_text()
+    assert "| GRU4Rec |" in md and "SASRec-bad/seed1" in md.split("Runs without a finished result")[1]
+    # the failed run is tried again (and fails again), the finished one is not
+    out = run_benchmark(spec)
+    assert (out["skipped"], out["ran"], out["failed"]) == (1, 1, ["tiny-cdsr/SASRec-bad/seed1"])
+
+
+def test_leaderboard_means_stds_and_paired_test_match_a_hand_computation(tmp_path, syn_data):
+    from scipy import stats
+
+    spec = write_spec(tmp_path, syn_data, seeds=[1, 2, 3])
+    out = run_benchmark(spec)
+    lines = read_lines(out["results_file"])
+    with open(tmp_path / "out" / "leaderboard-tiny-cdsr.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2 * len(METRICS)  # protocols x domains x models x metrics
+    by = {(r["protocol"], r["domain"], r["model"], r["metric"]): r for r in rows}
+    for protocol in ("sampled", "full"):
+        for dom in ("A", "B"):
+            for metric in ("hit@10", "ndcg@10", "mrr@10", "hit@1"):
+                means = {}
+                for model in ("SASRec", "GRU4Rec"):
+                    vals = [ln["test"][protocol][f"{dom}/{metric}"] for ln in lines if ln["name"] == model]
+                    assert len(vals) == 3
+                    r = by[(protocol, dom, model, metric)]
+                    assert float(r["mean"]) == pytest.approx(statistics.mean(vals), abs=1e-12)
+                    assert float(r["std"]) == pytest.approx(statistics.stdev(vals), abs=1e-12)
+                    means[model] = statistics.mean(vals)
+                best = max(means, key=means.get)
+                other = min(means, key=means.get)
+                assert by[(protocol, dom, best, metric)]["best"] == "True"
+                assert by[(protocol, dom, other, metric)]["best"] == "False"
+                # paired t-test over instances, each instance's metric averaged over seeds
+                name, k = metric.split("@")
+                k = int(k)
+
+                def per_instance(model):
+                    per_seed = []
+                    for ln in (x for x in lines if x["name"] == model):
+                        doms = ln["test_instances"]["target_domain"]
+                        r = np.array([rk for rk, d in zip(ln["test_instances"]["ranks"][protocol], doms) if d == dom], float)
+                        hit = (r <= k).astype(float)
+                        per_seed.append({"hit": hit, "ndcg": hit / np.log2(r + 1), "mrr": hit / r}[name])
+                    return np.mean(per_seed, axis=0)
+
+                x, y = per_instance(other), per_instance(best)
+                row = by[(protocol, dom, other, metric)]
+                assert row["best_baseline"] == best
+                if np.all(x == y):
+                    assert float(row["p_value"]) == 1.0
+                else:
+                    assert float(row["p_value"]) == pytest.approx(stats.ttest_rel(x, y).pvalue, rel=1e-9)
+                assert by[(protocol, dom, best, metric)]["p_value"] == ""  # the reference itself
+    # seconds per epoch: measured seconds per step x batches per epoch, averaged over seeds
+    spe = [sum(ln["timing"]["train_epoch_seconds"]) / ln["timing"]["train_steps"] * ln["timing"]["batches_per_epoch"]
+           for ln in lines if ln["name"] == "SASRec"]
+    assert float(by[("full", "A", "SASRec", "hit@10")]["sec_per_epoch"]) == pytest.approx(statistics.mean(spe))
+    # the chart is a real PNG with content
+    import matplotlib.image
+
+    png = tmp_path / "out" / "leaderboard-tiny-cdsr.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(str(png))
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200 and img.std() > 0.01
+
+
+def test_ray_executor_gives_the_same_results_as_local(tmp_path, syn_data):
+    pytest.importorskip("ray")
+    local = run_benchmark(write_spec(tmp_path, syn_data, out="local"), executor="local")
+    ray_ = run_benchmark(write_spec(tmp_path, syn_data, out="ray"), executor="ray")
+    assert ray_["ran"] == 4 and not ray_["failed"]
+
+    def comparable(path):
+        out = {}
+        for ln in read_lines(path):
+            for k in ("timing", "wall_seconds", "finished_at", "results_file"):
+                ln.pop(k)
+            for k in ("checkpoint_dir", "results_dir"):  # the two output folders differ
+                ln["config"].pop(k)
+            out[ln["run_key"]] = ln
+        return out
+
+    a, b = comparable(local["results_file"]), comparable(ray_["results_file"])
+    assert a.keys() == b.keys() and len(a) == 4
+    for key in a:
+        assert a[key] == b[key], key
+
+
+def test_half_written_last_line_is_dropped_and_that_run_reruns(tmp_path, syn_data, capsys):
+    spec = write_spec(tmp_path, syn_data, models=["GRU4Rec"], seeds=[1, 2])
+    out = run_benchmark(spec)
+    res = out["results_file"]
+    full = open(res).read()
+    first, second = full.splitlines(keepends=True)
+    open(res, "w").write(first + second[: len(second) // 2])  # a crash while writing
+    again = run_benchmark(spec)
+    assert "half-written" in capsys.readouterr().err
+    assert (again["skipped"], again["ran"]) == (1, 1)
+    assert [json.loads(x)["run_key"] for x in open(res)] == [json.loads(first)["run_key"], json.loads(second)["run_key"]]
+
+
+def test_results_line_that_is_not_json_is_one_clear_error(tmp_path):
+    p = tmp_path / "results.jsonl"
+    p.write_text('{"run_key": "a", "config_hash": "b"}\nnot json\n{"run_key": "c", "config_hash": "d"}\n')
+    with pytest.raises(BenchmarkError, match=r"results.jsonl line 2: not a JSON object"):
+        ResultsStore(str(p)).read()
+
+
+def test_config_hash_follows_config_and_data(tmp_path, syn_data):
+    spec = load_benchmark(write_spec(tmp_path, syn_data))
+    fp = prepare_datasets(spec)
+    h1 = {r["run_key"]: r["config_hash"] for r in plan_runs(spec, fp)}
+    assert len(set(h1.values())) == 4
+    assert h1 == {r["run_key"]: r["config_hash"] for r in plan_runs(spec, fp)}
+    spec.budget["epochs"] = 3
+    h2 = {r["run_key"]: r["config_hash"] for r in plan_runs(spec, fp)}
+    assert all(h1[k] != h2[k] for k in h1)
+    spec.budget["epochs"] = 2
+    h3 = {r["run_key"]: r["config_hash"] for r in plan_runs(spec, {"tiny-cdsr": "other data"})}
+    assert all(h1[k] != h3[k] for k in h1)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"models": ["SASRec", "SASRek"]}, "unknown model 'SASRek'"),
+        ({"budget": {"epochs": "ten"}}, "key 'budget.epochs' must be a positive integer"),
+        ({"budget": None}, "key 'budget' is missing"),
+        ({"seeds": []}, "key 'seeds' must be a non-empty list of integers"),
+        ({"protocols": ["sampled", "uni100"]}, "key 'protocols' must list protocols"),
+        ({"colour": "red"}, "key 'colour' unknown key"),
+        ({"models": ["SASRec", "SASRec"]}, "name 'SASRec' appears twice"),
+        ({"overrides": {"NARM": {"epochs": 1}}}, "'NARM' is not a model name of this benchmark"),
+        ({"config": {"eval_neg_num": "many"}}, "key 'config.eval_neg_num' must be int"),
+        ({"hyper": {"models": ["SASRec"], "algo": "grid"}}, "key 'hyper.algo' must be one of"),
+    ],
+)
+def test_bad_benchmark_file_is_one_clear_error(tmp_path, change, message):
+    path = write_spec(tmp_path, str(tmp_path), **change)
+    with pytest.raises(BenchmarkError) as e:
+        load_benchmark(path)
+    assert message in str(e.value) and path in str(e.value)
+
+
+def test_missing_dataset_is_one_clear_error(tmp_path):
+    path = write_spec(tmp_path, str(tmp_path / "nowhere"))
+    with pytest.raises(BenchmarkError, match="dataset 'tiny-cdsr'"):
+        run_benchmark(path)
+
+
+def test_time_budget_stops_training_and_still_evaluates(tmp_path, syn_data):
+    from recbole_cdsr.quick_start import run_recbole_cdsr
+
+    cfg = dict(TINY, data_path=syn_data, epochs=50, train_time_budget=1e-6, train_batch_size=64,
+               checkpoint_dir=str(tmp_path / "ck"), results_dir=str(tmp_path / "res"), show_progress=False)
+    out = run_recbole_cdsr("GRU4Rec", "tiny-cdsr", config_dict=cfg, saved=False, verbose=False)
+    t = out["results"]["timing"]
+    assert t["stopped_by_budget"] is True
+    assert t["train_steps"] == 1 and len(t["train_epoch_seconds"]) == 1 and t["batches_per_epoch"] > 1
+    assert len(out["results"]["valid_history"]) == 1  # the last evaluation happened
+    assert out["test_result"]["A/hit@10"] >= 0
+
+
+def test_hyper_search_never_ranks_test_and_feeds_the_benchmark(tmp_path, syn_data, monkeypatch):
+    from recbole_cdsr.benchmark import hyper
+    from recbole_cdsr.evaluation.protocol import ProtocolEvaluator
+
+    space = tmp_path / "GRU4Rec.hyper"
+    space.write_text("learning_rate choice [0.01,0.0001]\ndropout_prob choice [0.1]\n")
+    monkeypatch.setattr(hyper, "space_file", lambda model: str(space))
+    splits = []
+    real_rank = ProtocolEvaluator.rank
+
+    def spy(self, model, loader, show_progress=False):
+        splits.append(loader.split)
+        return real_rank(self, model, loader, show_progress)
+
+    monkeypatch.setattr(ProtocolEvaluator, "rank", spy)
+    spec = write_spec(tmp_path, syn_data, models=["GRU4Rec"], seeds=[1],
+                      hyper={"models": ["GRU4Rec"], "algo": "exhaustive", "budget": {"epochs": 2}})
+    out = run_benchmark(spec)
+    rec = json.load(open(tmp_path / "out" / "hyper" / "tiny-cdsr-GRU4Rec.json"))
+    assert len(rec["trials"]) == 2 and {t["params"]["learning_rate"] for t in rec["trials"]} == {0.01, 0.0001}
+    best = max(rec["trials"], key=lambda t: t["best_valid_score"])
+    assert rec["best_params"] == best["params"]
+    # the trials ranked only the validation split; test is ranked by the benchmark run
+    # afterwards, once per domain checkpoint, at its very end
+    assert splits.count("test") == 2 and splits[-2:] == ["test", "test"]
+    assert len(splits) == 2 * 4 + 6  # per run: 2 epochs + best-valid per domain (+ 2 test)
+    line = read_lines(out["results_file"])[0]
+    assert line["config"]["learning_rate"] == best["params"]["learning_rate"]
+    # a second invocation reuses the search (no trial runs) and the finished run
+    splits.clear()
+    again = run_benchmark(spec)
+    assert splits == [] and again["ran"] == 0 and again["tuned"] == out["tuned"]
+
+
+def test_budget_in_minutes_becomes_a_fixed_step_count_per_model(tmp_path, syn_data):
+    spec = write_spec(tmp_path, syn_data, models=["GRU4Rec", "SASRec"], seeds=[1, 2],
+                      budget={"minutes": 0.02, "epochs": 100, "calibration_steps": 2},
+                      config=dict(TINY, data_path=syn_data, stopping_step=1000))
+    out = run_benchmark(spec)
+    cal = json.load(open(tmp_path / "out" / "calibration.json"))
+    assert sorted(k.split("@")[0] for k in cal) == ["tiny-cdsr/GRU4Rec", "tiny-cdsr/SASRec"]
+    for key, rec in cal.items():
+        name = key.split("@")[0].split("/")[1]
+        steps = max(1, int(0.02 * 60 / rec["seconds_per_step"]))
+        assert out["steps"][("tiny-cdsr", name)] == steps
+        for ln in read_lines(out["results_file"]):
+            if ln["name"] == name:
+                assert ln["config"]["max_train_steps"] == steps
+                assert ln["timing"]["train_steps"] == steps and ln["timing"]["stopped_by_budget"]
+    # the step counts are kept: a second invocation measures nothing and reruns nothing
+    before = open(tmp_path / "out" / "calibration.json").read()
+    again = run_benchmark(spec)
+    assert again["ran"] == 0 and again["steps"] == out["steps"]
+    assert open(tmp_path / "out" / "calibration.json").read() == before
