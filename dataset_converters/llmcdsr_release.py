@@ -284,7 +284,6 @@ def convert_llmcdsr_release(raw_dir, out_dir, name=None, allow_missing_single_do
 
     # Write everything into a temporary sibling folder, then rename into place.
     os.makedirs(out_dir, exist_ok=True)
-    final_dir = os.path.join(out_dir, name)
     tmp_dir = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir)
     os.chmod(tmp_dir, 0o755)
     try:

@@ -9,7 +9,6 @@ protocol, model selection, epoch and evaluation times).
 import logging
 import os
 import platform
-import sys
 from logging import getLogger
 from time import time
 
@@ -46,10 +45,15 @@ def package_versions():
         "numpy": numpy.__version__,
         "pandas": pandas.__version__,
     }
-    for name in ("transformers", "sentence_transformers", "higher"):
-        mod = sys.modules.get(name)
-        if mod is not None:
-            out[name] = getattr(mod, "__version__", "unknown")
+    # installed versions, whether or not this process imported them (results must not
+    # depend on what else ran in the process)
+    from importlib import metadata
+
+    for dist in ("transformers", "sentence-transformers", "higher", "hyperopt", "scipy"):
+        try:
+            out[dist.replace("-", "_")] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist.replace("-", "_")] = None
     return out
 
 

@@ -3,7 +3,6 @@ hyper-parameter search on validation only, time budgets."""
 
 import csv
 import json
-import os
 import statistics
 
 import numpy as np
@@ -173,6 +172,8 @@ def test_leaderboard_means_stds_and_paired_test_match_a_hand_computation(tmp_pat
 
 def test_ray_executor_gives_the_same_results_as_local(tmp_path, syn_data):
     pytest.importorskip("ray")
+    import higher  # noqa: F401  (this process has imported more than a fresh Ray worker)
+
     local = run_benchmark(write_spec(tmp_path, syn_data, out="local"), executor="local")
     ray_ = run_benchmark(write_spec(tmp_path, syn_data, out="ray"), executor="ray")
     assert ray_["ran"] == 4 and not ray_["failed"]
@@ -322,3 +323,27 @@ def test_budget_in_minutes_becomes_a_fixed_step_count_per_model(tmp_path, syn_da
     again = run_benchmark(spec)
     assert again["ran"] == 0 and again["steps"] == out["steps"]
     assert open(tmp_path / "out" / "calibration.json").read() == before
+
+
+def test_cli_tune_searches_the_models_space_on_validation(tmp_path, syn_data, capsys):
+    from run_recbole_cdsr import main
+
+    args = [f"--{k}={v}" for k, v in TINY.items()] + [
+        "--model=GRU4Rec", "--dataset=tiny-cdsr", "--tune=random", "--max_evals=2", "--epochs=1",
+        f"--data_path={syn_data}", f"--checkpoint_dir={tmp_path / 'ck'}",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "trial 2" in out and "best parameters (validation" in out
+    best = out.split("best parameters (validation ")[1]
+    assert "'learning_rate':" in best and "'dropout_prob':" in best  # properties/hyper/GRU4Rec.hyper
+
+
+def test_cli_benchmark_refuses_model_arguments(tmp_path, capsys):
+    from run_recbole_cdsr import main
+
+    with pytest.raises(SystemExit):
+        main(["--benchmark=x.yaml", "--model=SASRec"])
+    assert "--benchmark takes its models" in capsys.readouterr().err
+    assert main([f"--benchmark={tmp_path / 'missing.yaml'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
