@@ -33,6 +33,7 @@ _NONE = (type(None),)
 CONFIG_SCHEMA = {
     "train_view": (_STR, ("auto", "prefix", "sequence")),
     "train_neg_domain": (_STR, ("same", "any")),
+    "train_min_history": (_INT, None),
     "steps_per_epoch": (_INT + _NONE, None),
     "train_time_budget": (_NUM + _NONE, None),
     "max_train_steps": (_INT + _NONE, None),

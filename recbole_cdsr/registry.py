@@ -13,6 +13,7 @@ from recbole_cdsr.utils import disable_anomaly_detection
 #: Plugin models: name -> "module:Class". Filled as models are added to recbole_cdsr.model.
 PLUGIN_MODELS = {
     "LLMCDSR": "recbole_cdsr.model.llmcdsr:LLMCDSR",
+    "LeCDSR": "recbole_cdsr.model.lecdsr:LeCDSR",
 }
 
 #: Trainers of plugin models that need their own: name -> "module:Class".

@@ -1,5 +1,7 @@
 """The stages that run before an LLM-enhanced model trains (called by ``run_recbole_cdsr``).
 
+LeCDSR: item text vectors and user profiles (:func:`prepare_lecdsr`), cached the same way.
+
 LLMCDSR: stage 1 (generation -> pseudo items) and stage 2 (collaborative-textual
 pre-training), each cached next to the dataset and skipped when its inputs are unchanged.
 Returns config updates (``pseudo_items``, ``recall_tables``) and a record for the results
@@ -26,11 +28,11 @@ logger = logging.getLogger(__name__)
 GENERATORS = ("retrieval", "hf", "openai", "import")
 
 
-def _backend(config, encoder, overlapped, title_vectors):
+def _backend(config, encoder=None, overlapped=None, title_vectors=None, gen=None):
     from recbole_cdsr.llm.backends import HFBackend, OpenAIBackend
     from recbole_cdsr.llm.retrieval import RetrievalBackend
 
-    gen = config["generator"]
+    gen = gen or config["generator"]
     if gen == "retrieval":
         return RetrievalBackend(encoder, overlapped, config["retrieval_neighbours"], config["llm_max_names"],
                                 title_vectors=title_vectors)
@@ -164,3 +166,30 @@ def _cached_pseudo(d, name, records, encoder, gen_manifest):
                                                          "identity": gen_manifest["identity"]})
     atomic_write_json(pointer, {"npz": os.path.basename(path)})
     return path
+
+
+def prepare_lecdsr(config):
+    """Item text vectors and user profile vectors for LeCDSR; returns (updates, record)."""
+    from recbole_cdsr.data.utils import ensure_atomic_files
+    from recbole_cdsr.llm.encoders import TextEncoder, item_text_embeddings, read_item_titles
+    from recbole_cdsr.llm.profiles import build_profiles, write_item_text_table
+
+    use_text, use_prof = config["lecdsr_use_item_text"], config["lecdsr_use_profiles"]
+    if not use_text and not use_prof:
+        return {}, {"stages": "skipped (no item semantics, no profiles)"}
+    ensure_atomic_files(config)
+    name, d = config["dataset"], config["data_path"]
+    encoder = TextEncoder(config["text_encoder"], device=str(config["device"]))
+    items = read_item_titles(os.path.join(d, f"{name}.item"))
+    record = {"text_encoder": encoder.identity()}
+    updates = {}
+    if use_text:
+        tokens, _, emb = item_text_embeddings(d, name, encoder, items=items)
+        updates["item_text_table"], record["item_text"] = write_item_text_table(d, name, tokens, emb, encoder)
+    if use_prof:
+        path, rec = build_profiles(config, d, name, encoder, items,
+                                   backend_factory=lambda c: _backend(c, gen=c["profile_generator"]),
+                                   show_progress=config["show_progress"])
+        updates["user_profiles"] = path
+        record["profiles"] = {k: v for k, v in rec.items() if k != "encoder"}
+    return updates, record

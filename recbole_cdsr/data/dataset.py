@@ -89,7 +89,9 @@ class CDSRDataset(SequentialDataset):
 
     def _init_side_information(self):
         """``pseudo_items`` (stage-1 names embedded) and ``recall_tables`` (stage-2 item
-        embeddings and projections), when the config names them; None otherwise."""
+        embeddings and projections) of LLMCDSR, ``item_text`` [item_num, d] and
+        ``user_profiles`` [user_num, d] of LeCDSR, when the config names their files; None
+        otherwise."""
         from recbole_cdsr.llm.pseudo_items import load_pseudo_items
 
         self.pseudo_items = None
@@ -122,6 +124,26 @@ class CDSRDataset(SequentialDataset):
                     "item_emb": torch.from_numpy(emb),
                     "proj": torch.from_numpy(proj),
                 }
+        self.item_text = self._token_table("item_text_table", "item_tokens", self.iid_field, self.item_num)
+        self.user_profiles = self._token_table("user_profiles", "users", self.uid_field, self.user_num)
+
+    def _token_table(self, key, token_key, field, n_rows):
+        """A float table [n_rows, d] in internal-id order from an npz of (tokens, emb) named
+        by config ``key``; rows of ids the file does not cover (and padding) are zeros."""
+        path = self.config[key]
+        if not path:
+            return None
+        path = self._resolve(path)
+        if not os.path.isfile(path):
+            raise CDSRDataError(f"{key}: {path} does not exist (run the model's stages first)")
+        with np.load(path, allow_pickle=False) as z:
+            toks, emb = z[token_key], z["emb"]
+        tok2id = self.field2token_id[field]
+        table = np.zeros((n_rows, emb.shape[1]), dtype=np.float32)
+        ids = np.array([tok2id.get(str(t), 0) for t in toks], dtype=np.int64)
+        keep = ids > 0
+        table[ids[keep]] = emb[keep]
+        return torch.from_numpy(table)
 
     def domain_mask(self):
         """Bool tensor [n_domains, item_num]: which items belong to each domain."""
@@ -148,7 +170,7 @@ class CDSRDataset(SequentialDataset):
                 split = self.benchmark_filename_list[i]
                 raise CDSRDataError(f"{split} file holds a row with an empty history")
             if i == 0 and self.train_view == "prefix":
-                cols = _prefix_rows(uid, hist, target, max_len)
+                cols = _prefix_rows(uid, hist, target, max_len, self.config["train_min_history"] or 1)
             else:
                 cols = _last_rows(uid, hist, target, max_len)
             parts.append(cols)
@@ -186,8 +208,9 @@ def _last_rows(uid, hist, target, max_len):
     return uid, mat, length, target
 
 
-def _prefix_rows(uid, hist, target, max_len):
-    """Every prefix of every sequence (history + target): predict item j from items < j."""
+def _prefix_rows(uid, hist, target, max_len, min_history=1):
+    """Every prefix of every sequence (history + target): predict item j from items < j,
+    for j >= ``min_history`` (0-based)."""
     seqs = [np.append(np.asarray(h, dtype=np.int64), t) for h, t in zip(hist, target)]
     lens = np.array([len(s) for s in seqs], dtype=np.int64)
     flat = np.concatenate(seqs)
@@ -202,4 +225,5 @@ def _prefix_rows(uid, hist, target, max_len):
     cols = np.arange(max_len)
     idx = np.minimum(hist_start[:, None] + cols, len(flat) - 1)
     mat = np.where(cols < length[:, None], flat[idx], 0)
-    return np.repeat(uid, n_rows), mat, length, flat[pos]
+    keep = offset + 1 >= min_history  # the target's 0-based index in its sequence
+    return np.repeat(uid, n_rows)[keep], mat[keep], length[keep], flat[pos][keep]

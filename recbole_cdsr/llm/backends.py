@@ -1,6 +1,7 @@
 """LLM backends: an OpenAI-compatible HTTP server, or a local transformers causal LM.
 
 Both take a list of prompts and return one :class:`Completion` per prompt, in order. A
+prompt is a string (the user message) or a dict ``{"system": ..., "user": ...}``. A
 prompt that fails (server error, garbage answer, time-out, after the retries) comes back
 with ``error`` set and ``text`` None: callers record it; nothing raises mid-batch and no
 prompt is silently dropped.
@@ -27,6 +28,22 @@ from dataclasses import dataclass
 
 class BackendError(ValueError):
     """A backend that cannot be set up (bad path, bad URL, missing key...)."""
+
+
+def split_prompt(prompt):
+    """``(system or None, user)`` of a prompt given as a string or a dict."""
+    if isinstance(prompt, dict):
+        user = prompt.get("user")
+        if not isinstance(user, str):
+            raise BackendError(f"a prompt dict needs a 'user' string, got {prompt!r:.120}")
+        return prompt.get("system"), user
+    return None, prompt
+
+
+def flat_prompt(prompt):
+    """One text for models without chat roles: the system text, a blank line, the user text."""
+    system, user = split_prompt(prompt)
+    return f"{system.rstrip()}\n\n{user}" if system else user
 
 
 @dataclass
@@ -81,9 +98,12 @@ class OpenAIBackend:
         if self.seed is not None:
             body["seed"] = self.seed
         if self.chat:
-            body["messages"] = [{"role": "user", "content": prompt}]
+            system, user = split_prompt(prompt)
+            body["messages"] = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": user}
+            ]
         else:
-            body["prompt"] = prompt
+            body["prompt"] = flat_prompt(prompt)
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
@@ -168,10 +188,17 @@ class HFBackend:
 
     def _format(self, prompt):
         if self.use_chat:
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        return prompt
+            system, user = split_prompt(prompt)
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": user}
+            ]
+            try:
+                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception:  # a template without a system role: one user message
+                return self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": flat_prompt(prompt)}], tokenize=False, add_generation_prompt=True
+                )
+        return flat_prompt(prompt)
 
     def generate(self, prompts):
         out = []

@@ -79,9 +79,10 @@ class GenerationJob:
     """
 
     def __init__(self, out_dir, dataset_name, backend, parser="regex", settings=None, batch_size=16,
-                 min_names=2, show_progress=True):
-        if parser not in ("regex", "llm"):
-            raise GenerationError(f"llm_parser must be 'regex' or 'llm', got {parser!r}")
+                 min_names=2, show_progress=True, prompt_version=PROMPT_VERSION, kind="gen",
+                 desc="LLM generation"):
+        if parser not in ("regex", "llm", "text"):
+            raise GenerationError(f"parser must be 'regex', 'llm' (names) or 'text' (the answer itself), got {parser!r}")
         if parser == "llm" and not getattr(backend, "is_llm", True):
             raise GenerationError("llm_parser 'llm' needs an LLM backend (hf or openai); use 'regex'")
         self.backend = backend
@@ -89,16 +90,17 @@ class GenerationJob:
         self.batch_size = max(1, int(batch_size))
         self.min_names = int(min_names)
         self.show_progress = show_progress
+        self.desc = desc
         self.identity = {
-            "prompt_version": PROMPT_VERSION,
+            "prompt_version": prompt_version,
             "parser": parser,
             "min_names": self.min_names,
             "backend": backend.identity(),
             **(settings or {}),
         }
         tag = hashlib.sha256(json.dumps(self.identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        self.jsonl = os.path.join(out_dir, f"{dataset_name}.gen-{tag}.jsonl")
-        self.manifest = os.path.join(out_dir, f"{dataset_name}.gen-{tag}.json")
+        self.jsonl = os.path.join(out_dir, f"{dataset_name}.{kind}-{tag}.jsonl")
+        self.manifest = os.path.join(out_dir, f"{dataset_name}.{kind}-{tag}.json")
 
     def load_records(self):
         """Last record per user (a truncated final line, from a crash, is ignored)."""
@@ -125,6 +127,11 @@ class GenerationJob:
                 f.truncate(data.rfind(b"\n") + 1)
 
     def _parse(self, completions):
+        if self.parser == "text":  # the answer is the product (a profile): empty is a failure
+            for c in completions:
+                if c.ok and not c.text.strip():
+                    c.error, c.text = "empty answer", None
+            return [[] for _ in completions]
         if self.parser == "regex":
             return [parse_names(c.text) if c.ok else [] for c in completions]
         todo = [i for i, c in enumerate(completions) if c.ok]
@@ -147,7 +154,7 @@ class GenerationJob:
         if self.show_progress and todo:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc="LLM generation", ncols=100)
+            bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc=self.desc, ncols=100)
         os.makedirs(os.path.dirname(os.path.abspath(self.jsonl)), exist_ok=True)
         self._drop_torn_tail()
         t0 = time.time()
@@ -164,7 +171,7 @@ class GenerationJob:
                 for r, c, n in zip(batch, comps, names):
                     rec = {
                         "user": r["user"],
-                        "domain": r["domain"],
+                        "domain": r.get("domain"),
                         "status": "ok" if c.ok else "failed",
                         "raw": c.text,
                         "names": n,
@@ -199,7 +206,7 @@ class GenerationJob:
             },
         )
         if failed:
-            logger.warning(f"LLM generation: {failed} users failed; they are recorded and retried on the next run")
+            logger.warning(f"{self.desc}: {failed} users failed; they are recorded and retried on the next run")
         return out
 
 

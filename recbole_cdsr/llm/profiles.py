@@ -1,0 +1,203 @@
+"""User profiles (LeCDSR): a short interest profile per user, written by an LLM, embedded.
+
+Which items a user's profile is built from (never an evaluation target):
+
+- a user with training rows: the items of those rows (histories and targets: all are
+  training interactions);
+- a user without training rows (a held-out user): the history of its first evaluation row
+  (its validation row if it has one, else its test row); the target is never read.
+
+Items are deduplicated (first occurrence kept) and listed oldest first, one line each,
+``n. title  category`` numbered from 1 (a higher number is more recent). Our datasets carry
+titles and domains only, so the category is the domain's name (from the dataset manifest).
+
+Sources (``profile_generator``):
+
+``hf`` / ``openai``
+    the LLM backends of stage 1 (same config keys), a system and a user prompt; answers are
+    appended per user to ``<dataset>.profile-<tag>.jsonl`` by the resumable
+    :class:`~recbole_cdsr.llm.generation.GenerationJob` (parser ``text``: the answer is the
+    profile; an empty answer is a failure, recorded and retried on the next run).
+``titles``
+    the documented no-LLM stand-in: NOT an LLM profile. The "profile" is the user's item
+    list itself (the prompt's item lines as one text). Reported loudly in the log and in
+    the results file.
+
+Each profile is cut to ``profile_max_chars`` characters (the paper keeps 5,000) and
+embedded with the text encoder; ``<dataset>.profiles-<tag>.npz`` (``users``, ``emb``) and a
+``.json`` manifest record what they were built from.
+"""
+
+import hashlib
+import io
+import json
+import logging
+import os
+
+import numpy as np
+
+from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_file
+
+logger = logging.getLogger(__name__)
+
+PROFILE_PROMPT_VERSION = "lecdsr-profile-v1"
+PROFILE_FORMAT_VERSION = 1
+PROFILE_GENERATORS = ("titles", "hf", "openai")
+SYSTEM_PROMPT = (
+    "You are an expert in recommender systems. From a user's interaction record you write a "
+    "profile of the user's interests that is short, precise and well organised."
+)
+USER_PROMPT = (
+    "Here is what one user bought in the {domains} domains, listed from oldest to newest "
+    "(a higher number is more recent). Describe this user's interests in a short, refined "
+    "profile. Do not include anything inappropriate.\n\n{items}"
+)
+
+
+class ProfileError(ValueError):
+    pass
+
+
+def read_rows(path):
+    """``[(user, [history items], target)]`` of an ``.inter`` file, in file order."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+        cols = {c.split(":")[0]: i for i, c in enumerate(header)}
+        for need in ("user_id", "item_id_list", "item_id"):
+            if need not in cols:
+                raise ProfileError(f"{path}: missing column {need}")
+        for no, line in enumerate(f, 2):
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != len(header):
+                raise ProfileError(f"{path}, line {no}: expected {len(header)} columns, got {len(parts)}")
+            rows.append((parts[cols["user_id"]], parts[cols["item_id_list"]].split(), parts[cols["item_id"]]))
+    return rows
+
+
+def profile_items(dataset_dir, name):
+    """``{user: [item tokens]}``: what each user's profile may be built from (see module doc)."""
+    out = {}
+    for split in ("train", "valid", "test"):
+        path = os.path.join(dataset_dir, f"{name}.{split}.inter")
+        if not os.path.isfile(path):
+            raise ProfileError(f"{path} is missing")
+        seen_here = {}
+        for user, hist, target in read_rows(path):
+            if split == "train":
+                seen_here.setdefault(user, []).extend(hist + [target])
+            elif user not in out and user not in seen_here:
+                seen_here[user] = list(hist)  # a held-out user: its first history, no target
+        for user, items in seen_here.items():
+            out.setdefault(user, items)
+    return {u: list(dict.fromkeys(items)) for u, items in out.items()}
+
+
+def domain_labels(dataset_dir, name):
+    """Domain token -> readable name (the converter's manifest), else the token itself."""
+    path = os.path.join(dataset_dir, f"{name}.manifest.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            doms = json.load(f).get("domains") or {}
+        return {str(k): str(v) for k, v in doms.items()}
+    return {}
+
+
+def item_lines(items, info, labels):
+    """``1. title  category`` lines (``info``: token -> (domain, title))."""
+    lines = []
+    for n, tok in enumerate(items, 1):
+        dom, title = info[tok]
+        lines.append(f"{n}. {title}  {labels.get(dom, dom)}")
+    return "\n".join(lines)
+
+
+def profile_requests(user_items, items, labels):
+    """One request per user: ``{"user", "prompt": {"system", "user"}, "item_text"}``."""
+    tokens, domains, titles = items
+    info = {t: (d, ti) for t, d, ti in zip(tokens, domains, titles)}
+    dom_names = " and ".join(labels.get(d, d) for d in sorted(set(domains.tolist())))
+    reqs = []
+    for user in sorted(user_items):
+        missing = [t for t in user_items[user] if t not in info]
+        if missing:
+            raise ProfileError(f"user {user}: item {missing[0]} is not in the .item file")
+        text = item_lines(user_items[user], info, labels)
+        reqs.append({"user": user, "item_text": text,
+                     "prompt": {"system": SYSTEM_PROMPT, "user": USER_PROMPT.format(domains=dom_names, items=text)}})
+    return reqs
+
+
+def build_profiles(config, dataset_dir, name, encoder, items, backend_factory=None, show_progress=False):
+    """Write (or reuse) the profile table; returns ``(npz path, record)``."""
+    from recbole_cdsr.llm.generation import GenerationJob
+
+    gen = config["profile_generator"]
+    if gen not in PROFILE_GENERATORS:
+        raise ProfileError(f"profile_generator must be one of {', '.join(PROFILE_GENERATORS)}, got {gen!r}")
+    max_chars = int(config["profile_max_chars"])
+    reqs = profile_requests(profile_items(dataset_dir, name), items, domain_labels(dataset_dir, name))
+    if gen == "titles":
+        logger.warning(
+            "LeCDSR user profiles use the TITLES STAND-IN, NOT AN LLM: each 'profile' is the "
+            "user's own item list. Configure profile_generator: hf or openai for the method as published."
+        )
+        texts = {r["user"]: r["item_text"] for r in reqs}
+        source = {"generator": "titles", "note": "NOT an LLM: the user's item list as the profile text",
+                  "prompt_version": PROFILE_PROMPT_VERSION}
+        failed = []
+    else:
+        backend = backend_factory(config)
+        job = GenerationJob(dataset_dir, name, backend, parser="text",
+                            settings={"seed": config["generation_seed"]}, batch_size=config["llm_batch_size"],
+                            show_progress=show_progress, prompt_version=PROFILE_PROMPT_VERSION, kind="profile",
+                            desc="LLM user profiles")
+        records = job.run(reqs)
+        failed = sorted(u for u, r in records.items() if r["status"] != "ok")
+        if failed:
+            raise ProfileError(
+                f"{len(failed)} user profiles failed (first: {failed[0]}: {records[failed[0]]['error']}); "
+                f"they are recorded in {job.jsonl} and retried on the next run"
+            )
+        texts = {u: r["raw"] for u, r in records.items()}
+        source = {"generator": gen, "generation": job.identity, "jsonl": os.path.basename(job.jsonl)}
+    users = sorted(texts)
+    cut = [texts[u][:max_chars] for u in users]
+    text_sha = hashlib.sha256(json.dumps(list(zip(users, cut))).encode()).hexdigest()
+    ident = {"format_version": PROFILE_FORMAT_VERSION, "texts_sha256": text_sha, "encoder": encoder.identity(),
+             "max_chars": max_chars, "source": source}
+    tag = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = os.path.join(dataset_dir, f"{name}.profiles-{tag}.npz")
+    man = path[:-4] + ".json"
+    if os.path.isfile(path) and os.path.isfile(man):
+        with open(man) as f:
+            m = json.load(f)
+        if m.get("npz_sha256") == sha256_file(path):
+            return path, m
+    logger.info(f"embedding {len(users)} user profiles with {encoder.name}")
+    emb = encoder.encode(cut, show_progress=show_progress)
+    buf = io.BytesIO()
+    np.savez(buf, users=np.asarray(users, dtype=str), emb=emb.astype(np.float32))
+    atomic_write_bytes(path, buf.getvalue())
+    record = dict(ident, users=len(users), npz_sha256=sha256_file(path),
+                  mean_chars=float(np.mean([len(t) for t in cut])) if cut else 0.0)
+    atomic_write_json(man, record)
+    return path, record
+
+
+def write_item_text_table(dataset_dir, name, tokens, emb, encoder):
+    """``<dataset>.itemtext-<tag>.npz`` (``item_tokens``, ``emb``) for the dataset to load."""
+    ident = {"format_version": PROFILE_FORMAT_VERSION, "encoder": encoder.identity(),
+             "item_file_sha256": sha256_file(os.path.join(dataset_dir, f"{name}.item"))}
+    tag = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = os.path.join(dataset_dir, f"{name}.itemtext-{tag}.npz")
+    man = path[:-4] + ".json"
+    if os.path.isfile(path) and os.path.isfile(man):
+        with open(man) as f:
+            if json.load(f).get("npz_sha256") == sha256_file(path):
+                return path, ident
+    buf = io.BytesIO()
+    np.savez(buf, item_tokens=np.asarray(tokens, dtype=str), emb=np.asarray(emb, dtype=np.float32))
+    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_json(man, dict(ident, items=int(len(tokens)), npz_sha256=sha256_file(path)))
+    return path, ident

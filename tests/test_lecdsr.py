@@ -1,0 +1,280 @@
+"""LeCDSR: frozen LLM tables, hand-computed losses, padding, positions, profiles without
+leakage, the LLM profile path over HTTP, and a short run on real Food-Kitchen."""
+
+import json
+import math
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import base_config
+from dataset_converters import write_synthetic_cdsr
+from recbole.utils import init_seed
+from recbole_cdsr.config import CDSRConfig
+from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset
+from recbole_cdsr.llm.profiles import SYSTEM_PROMPT, profile_items, profile_requests
+from recbole_cdsr.model.lecdsr import LeCDSR, alignment_loss, hinge_loss
+
+SMALL = dict(hidden_size=16, adapter_inner_size=24, train_batch_size=64, eval_neg_num=20, n_neg=7,
+             MAX_ITEM_LIST_LENGTH=8)
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("lecdsr-syn"))
+    write_synthetic_cdsr(d, "tiny-cdsr", seed=3)
+    return d
+
+
+def setup(tmp, data_path, **kw):
+    cfg = CDSRConfig("LeCDSR", "tiny-cdsr", config_dict=base_config(tmp, data_path=data_path, **dict(SMALL, **kw)))
+    updates, record = LeCDSR.prepare_stages(cfg)
+    for k, v in updates.items():
+        cfg[k] = v
+    init_seed(cfg["seed"], True)
+    ds = create_cdsr_dataset(cfg, cfg.model_class)
+    train, valid, test = cdsr_data_preparation(cfg, ds)
+    model = LeCDSR(cfg, train.dataset)
+    return cfg, ds, (train, valid, test), model, updates
+
+
+def expected_table(ds, path, token_key, field, n_rows):
+    with np.load(path) as z:
+        toks, emb = z[token_key], z["emb"]
+    table = np.zeros((n_rows, emb.shape[1]), np.float32)
+    for t, e in zip(toks, emb):
+        i = ds.field2token_id[field].get(str(t), 0)
+        if i:
+            table[i] = e
+    return torch.from_numpy(table)
+
+
+def test_frozen_tables_are_the_cached_vectors_before_and_after_training(tmp_path, syn):
+    from recbole_cdsr.trainer.trainer import CDSRTrainer
+
+    cfg, ds, (train, valid, _), model, up = setup(str(tmp_path), syn, epochs=2)
+    items = expected_table(ds, up["item_text_table"], "item_tokens", ds.iid_field, ds.item_num)
+    users = expected_table(ds, up["user_profiles"], "users", ds.uid_field, ds.user_num)
+    assert items.shape == (ds.item_num, 384) and users.shape == (ds.user_num, 384)  # MiniLM vectors
+    assert (items[1:].norm(dim=1) > 0.99).all() and (users[1:].norm(dim=1) > 0.99).all()  # every row filled
+    assert torch.equal(model.item_text, items) and torch.equal(model.user_profiles, users)
+    names = {n for n, _ in model.named_parameters()}
+    assert not any("item_text" in n or "user_profiles" in n for n in names)  # buffers, not weights
+    trainer = CDSRTrainer(cfg, model)
+    trainer.fit(train, valid, saved=False, show_progress=False, verbose=False)
+    assert trainer.steps_done > 0
+    assert torch.equal(model.item_text, items) and torch.equal(model.user_profiles, users)
+    # ...while the trainable parts did move, and the padding rows stayed zero
+    assert model.item_embedding.weight[0].abs().sum() == 0 and model.position_embedding.weight[0].abs().sum() == 0
+
+
+def test_hinge_loss_by_hand_per_sample_not_broadcast():
+    pos = torch.tensor([1.0, 0.0])
+    neg = torch.tensor([[0.5, 2.0, -30.0], [1.0, 0.0, 9.0]])
+    tau = 2.0
+    # sample 1: relu(-0.25 + 1) + relu(0.5 + 1) + relu(-15.5 + 1) = 0.75 + 1.5 + 0
+    # sample 2: relu(0.5 + 1) + relu(0 + 1) + relu(4.5 + 1) = 1.5 + 1 + 5.5
+    assert hinge_loss(pos, neg, tau).item() == pytest.approx((2.25 + 8.0) / 2)
+
+
+def _alignment_by_loops(x, y, mask, tau2):
+    total, count = 0.0, 0
+    for b in range(x.shape[0]):
+        idx = [t for t in range(x.shape[1]) if mask[b, t]]
+        for i in idx:
+            logit_r = [float(x[b, i] @ y[b, j]) / tau2 for j in idx]
+            logit_c = [float(x[b, j] @ y[b, i]) / tau2 for j in idx]
+            sim = [(float(x[b, i] @ x[b, j]) + float(y[b, i] @ y[b, j])) / (2 * tau2) for j in idx]
+            tgt = np.exp(sim) / np.exp(sim).sum()
+            ce_r = -(tgt * (np.array(logit_r) - math.log(np.exp(logit_r).sum()))).sum()
+            ce_c = -(tgt * (np.array(logit_c) - math.log(np.exp(logit_c).sum()))).sum()
+            total += (ce_r + ce_c) / 2
+            count += 1
+    return total / count
+
+
+def test_alignment_loss_by_hand_ignores_padding():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 3, generator=g)
+    mask = torch.tensor([[False, True, True, True], [False, False, True, True]])
+    got = alignment_loss(x, y, mask, 1.7).item()
+    assert got == pytest.approx(_alignment_by_loops(x, y, mask, 1.7), rel=1e-5)
+    x2, y2 = x.clone(), y.clone()
+    x2[~mask], y2[~mask] = 100.0, -100.0  # padding content changes nothing
+    assert alignment_loss(x2, y2, mask, 1.7).item() == pytest.approx(got, rel=1e-6)
+
+
+def test_calculate_loss_equals_hinge_of_scores_plus_weighted_alignment(tmp_path, syn):
+    cfg, ds, (train, _, _), model, _ = setup(str(tmp_path), syn)
+    model.eval()
+    batch = next(iter(train))
+    neg = model.sample_negatives(batch["item_id"], cfg["n_neg"])
+    assert neg.shape == (len(batch), 7)
+    rep, E, T, real = model.forward(batch, with_parts=True)
+    full = model.full_sort_predict(batch)
+    rows = torch.arange(len(batch))
+    pos_s, neg_s = full[rows, batch["item_id"]], full[rows.unsqueeze(1), neg]
+    by_hand = (torch.relu((neg_s - pos_s.unsqueeze(1)) / 9.0 + 1).sum(1).mean()
+               + 0.6 * _alignment_by_loops(E.detach(), T.detach(), real, 7.0))
+    assert model.calculate_loss(batch, neg=neg).item() == pytest.approx(by_hand.item(), rel=1e-4)
+
+
+def test_negatives_come_from_the_targets_domain_and_never_are_the_target(tmp_path, syn):
+    _, ds, _, model, _ = setup(str(tmp_path), syn)
+    pos = torch.tensor([1, 2, ds.item_num - 1, ds.item_num - 2] * 50)
+    neg = model.sample_negatives(pos, 300)
+    dom = torch.as_tensor(ds.item_domain)
+    assert (dom[neg] == dom[pos].unsqueeze(1)).all() and (neg != pos.unsqueeze(1)).all()
+    # uniform over the rest of the domain: every other item of the domain is drawn
+    a_items = set(ds.domain_items[int(dom[1])].tolist()) - {1}
+    assert set(neg[0].tolist()) | set(neg[4].tolist()) == a_items
+
+
+def test_padding_does_not_change_scores(tmp_path, syn):
+    _, ds, (_, _, test), model, _ = setup(str(tmp_path), syn)
+    model.eval()
+    batch, _ = next(iter(test))
+    base = model.full_sort_predict(batch)
+    seq, n = batch["item_id_list"], batch["item_length"]
+    assert (n < seq.shape[1]).any()
+    garbage = seq.clone()
+    pad = torch.arange(seq.shape[1]).unsqueeze(0) >= n.unsqueeze(1)
+    garbage[pad] = torch.randint(1, ds.item_num, (int(pad.sum()),))
+    batch.interaction["item_id_list"] = garbage  # real items where padding was
+    assert not torch.allclose(garbage, seq)
+    assert torch.allclose(model.full_sort_predict(batch), base, atol=1e-5)
+    # a row scores the same alone as inside its batch
+    batch.interaction["item_id_list"] = seq
+    one = batch[torch.tensor([3])]
+    assert torch.allclose(model.full_sort_predict(one)[0], base[3], atol=1e-5)
+
+
+def test_positions_count_back_per_domain(tmp_path, syn):
+    _, ds, _, model, _ = setup(str(tmp_path), syn)
+    a = [i for i in range(1, ds.item_num) if ds.item_domain[i] == 0][:3]
+    b = [i for i in range(1, ds.item_num) if ds.item_domain[i] == 1][:3]
+    seq = torch.tensor([[a[0], b[0], a[1], b[1], b[2], 0, 0, 0]])  # oldest first, left-aligned
+    right, real = model.right_align(seq, torch.tensor([5]))
+    assert right.tolist() == [[0, 0, 0, a[0], b[0], a[1], b[1], b[2]]]
+    # newest first: b2 -> 1, b1 -> 2, a1 -> 1, b0 -> 3, a0 -> 2; padding 0
+    assert model.positions(right, real).tolist() == [[0, 0, 0, 2, 3, 1, 2, 1]]
+
+
+def test_profiles_never_see_validation_or_test_targets(tmp_path):
+    d = tmp_path / "leak"
+    d.mkdir()
+    (d / "leak.item").write_text(
+        "item_id:token\tdomain:token\ttitle:token_seq\n"
+        + "".join(f"i{k}\t{'A' if k < 5 else 'B'}\ttitle {k}\n" for k in range(10))
+        + "vtarget\tA\tLEAK VALID TARGET\nttarget\tB\tLEAK TEST TARGET\nwv\tA\tLEAK W VALID\nwt\tB\tLEAK W TEST\n")
+    head = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+    # U is in all three files (leave-one-out style); W only in valid and test
+    (d / "leak.train.inter").write_text(head + "U\ti0 i5\ti1\nX\ti2\ti6\n")
+    (d / "leak.valid.inter").write_text(head + "U\ti0 i5 i1\tvtarget\nW\ti3 i7\twv\n")
+    (d / "leak.test.inter").write_text(head + "U\ti0 i5 i1 vtarget\tttarget\nW\ti3 i7 wv\twt\n")
+    from recbole_cdsr.llm.encoders import read_item_titles
+
+    got = profile_items(str(d), "leak")
+    assert got == {"U": ["i0", "i5", "i1"], "X": ["i2", "i6"], "W": ["i3", "i7"]}
+    reqs = profile_requests(got, read_item_titles(str(d / "leak.item")), {"A": "Food", "B": "Kitchen"})
+    for r in reqs:
+        assert "LEAK" not in r["prompt"]["user"] and r["prompt"]["system"] == SYSTEM_PROMPT
+    u = next(r for r in reqs if r["user"] == "U")
+    assert u["item_text"] == "1. title 0  Food\n2. title 5  Kitchen\n3. title 1  Food"
+
+
+class _ProfileServer(BaseHTTPRequestHandler):
+    bodies = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.bodies.append(body)
+        user = body["messages"][-1]["content"]
+        text = "" if "synthetic item b7 " in user else "Likes items that follow each other."  # one empty answer
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+def test_llm_profiles_over_http_are_resumable_and_an_empty_answer_is_an_error(tmp_path, syn):
+    from recbole_cdsr.llm.profiles import ProfileError
+
+    _ProfileServer.bodies = []
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _ProfileServer)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    try:
+        with pytest.raises(ProfileError, match=r"user profiles failed .*empty answer"):
+            setup(str(tmp_path), syn, profile_generator="openai", llm_base_url=url, llm_model="m",
+                  llm_max_retries=0, llm_concurrency=2)
+        n_users = len(_ProfileServer.bodies)
+        assert n_users == 400  # train 280 + valid 60 + test 60 synthetic users, one request each
+        first = _ProfileServer.bodies[0]["messages"]
+        assert first[0] == {"role": "system", "content": SYSTEM_PROMPT} and first[1]["role"] == "user"
+        failed = sum(1 for b in _ProfileServer.bodies if "synthetic item b7 " in b["messages"][-1]["content"])
+        assert 0 < failed < n_users
+        # the rerun sends only the failed users again (they fail again: still one clear error)
+        _ProfileServer.bodies = []
+        with pytest.raises(ProfileError):
+            setup(str(tmp_path), syn, profile_generator="openai", llm_base_url=url, llm_model="m",
+                  llm_max_retries=0, llm_concurrency=2)
+        assert len(_ProfileServer.bodies) == failed
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    jsonl = [f for f in os.listdir(os.path.join(syn, "tiny-cdsr")) if f.startswith("tiny-cdsr.profile-") and f.endswith(".jsonl")]
+    assert len(jsonl) == 1
+    recs = [json.loads(x) for x in open(os.path.join(syn, "tiny-cdsr", jsonl[0]))]
+    ok = [r for r in recs if r["status"] == "ok"]
+    assert len(ok) == n_users - failed and ok[0]["raw"] == "Likes items that follow each other."
+
+
+def test_ablations_drop_their_inputs(tmp_path, syn):
+    _, _, (train, _, _), model, up = setup(str(tmp_path), syn, lecdsr_use_profiles=False)
+    assert "user_profiles" not in up and not hasattr(model, "user_profiles")
+    assert model.calculate_loss(next(iter(train))).item() > 0
+    _, _, (train, _, _), model, up = setup(str(tmp_path), syn, lecdsr_use_item_text=False)
+    assert "item_text_table" not in up and not hasattr(model, "item_adapter")
+    batch = next(iter(train))
+    neg = model.sample_negatives(batch["item_id"], 7)
+    rep = model.forward(batch)
+    full = model.full_sort_predict(batch)
+    rows = torch.arange(len(batch))
+    hinge = torch.relu((full[rows.unsqueeze(1), neg] - full[rows, batch["item_id"]].unsqueeze(1)) / 9 + 1).sum(1).mean()
+    assert model.calculate_loss(batch, neg=neg).item() == pytest.approx(hinge.item(), rel=1e-5)  # no alignment term
+    assert rep.shape == (len(batch), 16)
+
+
+def test_training_samples_have_at_least_two_items_before_the_target(tmp_path, syn):
+    cfg, ds, (train, _, _), _, _ = setup(str(tmp_path), syn)
+    assert cfg["train_min_history"] == 2 and ds.train_view == "prefix"
+    assert int(train.dataset.inter_feat["item_length"].min()) == 2
+    # count: every training sequence of n items gives n - 2 samples
+    with open(os.path.join(syn, "tiny-cdsr", "tiny-cdsr.train.inter")) as f:
+        next(f)
+        expected = sum(len(line.split("\t")[1].split()) + 1 - 2 for line in f)
+    assert len(train.dataset) == expected
+
+
+def test_one_command_on_real_food_kitchen_slice(tmp_path, slice_data, capsys):
+    from run_recbole_cdsr import main
+
+    args = [f"--data_path={slice_data}", "--model=LeCDSR", "--dataset=fk-slice", "--epochs=1", "--hidden_size=32",
+            "--eval_neg_num=50", f"--checkpoint_dir={tmp_path / 'ck'}", f"--results_dir={tmp_path / 'res'}",
+            "--show_progress=False", "--state=WARNING", "--use_gpu=False"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Test results of LeCDSR on fk-slice" in out and "full" in out
+    res = json.load(open(next((tmp_path / "res").iterdir())))
+    assert res["stages"]["profiles"]["source"]["generator"] == "titles"
+    assert "NOT an LLM" in res["stages"]["profiles"]["source"]["note"]
+    assert res["timing"]["train_steps"] > 0 and 0 <= res["test"]["full"]["A/hit@10"] <= 1
