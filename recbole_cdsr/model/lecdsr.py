@@ -194,7 +194,9 @@ class LeCDSR(SequentialRecommender):
         c = item_conv * torch.sigmoid(self.item_conv_gate(item_conv))
         T = None
         if self.use_item_text:
-            T = self.item_adapter(self.item_text[seq]) * m
+            # the adapter runs once per distinct item of the batch (rows are independent)
+            uniq, inv = torch.unique(seq, return_inverse=True)
+            T = self.item_adapter(self.item_text[uniq])[inv] * m
             fusion_conv = torch.fft.irfft(spec * torch.fft.rfft(T, dim=1, norm="ortho"), n=L, dim=1, norm="ortho")
             c = c + fusion_conv * torch.sigmoid(self.fusion_conv_gate(fusion_conv))
         c = c * m
