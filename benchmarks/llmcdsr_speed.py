@@ -1,6 +1,6 @@
 """Seconds per training step and epoch of LLMCDSR vs its backbone-only ablation.
 
-    python benchmarks/llmcdsr_speed.py --data_path dataset [--steps 30] [--pretrain_epochs 200]
+    python benchmarks/llmcdsr_speed.py --data_path dataset [--steps 30] [--pretrain_epochs 200] [--meta_interval 1]
 
 Both run in the same process on the same data with the paper's defaults (batch 128, aug
 batch 32, meta batch 128, meta_interval 1, k = 10). Stages 1-2 are prepared (or reused)
@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--dataset", default="food-kitchen")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per variant (0: a whole epoch)")
     ap.add_argument("--pretrain_epochs", type=int, default=200)
+    ap.add_argument("--meta_interval", type=int, default=1, help="a meta step every N batches (paper: 1)")
     ap.add_argument("--use_gpu", action="store_true")
     args = ap.parse_args()
 
@@ -44,7 +45,8 @@ def main():
     updates, _ = prepare_llmcdsr(cfg)
     rows = []
     for mode in ("backbone_only", "full"):
-        c = CDSRConfig("LLMCDSR", args.dataset, config_dict=dict(base, llmcdsr_mode=mode, **updates))
+        c = CDSRConfig("LLMCDSR", args.dataset,
+                       config_dict=dict(base, llmcdsr_mode=mode, meta_interval=args.meta_interval, **updates))
         init_seed(c["seed"], True)
         ds = create_cdsr_dataset(c, c.model_class)
         train, _, _ = cdsr_data_preparation(c, ds)
@@ -60,7 +62,8 @@ def main():
         secs = time.perf_counter() - t
         rows.append((mode, secs / steps, secs / steps * n_batches, n_batches, trainer.meta_steps))
     print(f"device: {cfg['device']}, torch threads: {torch.get_num_threads()}, "
-          f"batch {cfg['train_batch_size']}, aug batch {cfg['aug_batch_size']}, meta batch {cfg['meta_batch_size']}")
+          f"batch {cfg['train_batch_size']}, aug batch {cfg['aug_batch_size']}, meta batch {cfg['meta_batch_size']}, "
+          f"meta_interval {args.meta_interval}")
     for mode, per_step, per_epoch, n, meta in rows:
         print(f"  {mode:<14} {per_step:6.3f} s/step  {per_epoch:8.1f} s/epoch ({n} batches; meta steps {meta})")
     ratio = rows[1][2] / rows[0][2]
