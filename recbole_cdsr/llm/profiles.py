@@ -36,6 +36,7 @@ import os
 
 import numpy as np
 
+from recbole_cdsr.llm.stage1 import read_rows
 from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -56,23 +57,6 @@ USER_PROMPT = (
 
 class ProfileError(ValueError):
     pass
-
-
-def read_rows(path):
-    """``[(user, [history items], target)]`` of an ``.inter`` file, in file order."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\n").split("\t")
-        cols = {c.split(":")[0]: i for i, c in enumerate(header)}
-        for need in ("user_id", "item_id_list", "item_id"):
-            if need not in cols:
-                raise ProfileError(f"{path}: missing column {need}")
-        for no, line in enumerate(f, 2):
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != len(header):
-                raise ProfileError(f"{path}, line {no}: expected {len(header)} columns, got {len(parts)}")
-            rows.append((parts[cols["user_id"]], parts[cols["item_id_list"]].split(), parts[cols["item_id"]]))
-    return rows
 
 
 def profile_items(dataset_dir, name):

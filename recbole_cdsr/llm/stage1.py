@@ -8,19 +8,27 @@ from recbole_cdsr.llm.generation import GenerationError, make_requests
 PREFIX_FILES = {"A": "candidate_generate_A_icl.txt", "B": "candidate_generate_B_icl.txt"}
 
 
-def read_training_sequences(dataset_dir, name):
-    """``{user token: [item tokens]}`` of the training file (history then last item)."""
-    path = os.path.join(dataset_dir, f"{name}.train.inter")
-    seqs = {}
+def read_rows(path):
+    """``[(user, [history items], target)]`` of an ``.inter`` file, in file order."""
+    rows = []
     with open(path, encoding="utf-8") as f:
         header = f.readline().rstrip("\n").split("\t")
         cols = {c.split(":")[0]: i for i, c in enumerate(header)}
+        for need in ("user_id", "item_id_list", "item_id"):
+            if need not in cols:
+                raise GenerationError(f"{path}: missing column {need}")
         for no, line in enumerate(f, 2):
             parts = line.rstrip("\n").split("\t")
             if len(parts) != len(header):
-                raise GenerationError(f"{path}, line {no}: expected {len(header)} columns")
-            seqs[parts[cols["user_id"]]] = parts[cols["item_id_list"]].split() + [parts[cols["item_id"]]]
-    return seqs
+                raise GenerationError(f"{path}, line {no}: expected {len(header)} columns, got {len(parts)}")
+            rows.append((parts[cols["user_id"]], parts[cols["item_id_list"]].split(), parts[cols["item_id"]]))
+    return rows
+
+
+def read_training_sequences(dataset_dir, name):
+    """``{user token: [item tokens]}`` of the training file (history then last item)."""
+    path = os.path.join(dataset_dir, f"{name}.train.inter")
+    return {user: hist + [target] for user, hist, target in read_rows(path)}
 
 
 def stage1_inputs(dataset_dir, name, items=None, sequences=None):
