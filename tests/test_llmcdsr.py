@@ -211,3 +211,106 @@ def test_dropping_all_padding_columns_changes_no_real_position(tmp_path, slice_d
     short = model.backbone(seq[:, :n])
     real = seq[:, :n] > 0
     assert torch.allclose(full[real], short[real], atol=1e-5)
+
+
+def test_length_buckets_are_the_cheapest_split_and_cover_every_row():
+    import itertools
+    import random
+
+    from recbole_cdsr.model.layers import plan_length_buckets
+
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 11)
+        lens = [rng.randint(1, 20) for _ in range(n)]
+        overhead, k_max = rng.choice([0, 3, 10]), rng.randint(1, 4)
+        groups = plan_length_buckets(torch.tensor(lens), k_max, overhead)
+        assert len(groups) <= k_max
+        assert sorted(torch.cat([r for r, _ in groups]).tolist()) == list(range(n))
+        assert all(L == max(lens[i] for i in r.tolist()) for r, L in groups)
+        s = sorted(lens)
+        best = min(
+            sum((b[i + 1] - b[i]) * s[b[i + 1] - 1] + overhead for i in range(k))
+            for k in range(1, k_max + 1)
+            for b in ([0, *c, n] for c in itertools.combinations(range(1, n), k - 1))
+        )
+        assert sum(len(r) * L + overhead for r, L in groups) == best
+    # a batch of short rows and one long row: the long row runs alone
+    groups = plan_length_buckets(torch.tensor([3, 4, 50, 2, 5, 4]), 3, 0)
+    assert [L for _, L in groups][-1] == 50 and groups[-1][0].tolist() == [2]
+
+
+def test_length_buckets_leave_the_loss_and_its_gradients_unchanged(tmp_path, slice_data, side_info):
+    from recbole_cdsr.model.layers import plan_length_buckets
+
+    cfg, ds, (train, _, _), model = _setup(str(tmp_path), slice_data, side_info)
+    trainer = LLMCDSRTrainer(cfg, model)
+    trainer._make_loaders(train)
+    model.eval()  # no dropout: both runs compute the same function
+    model.bucket_overhead = 0
+    for p in model.poolers:
+        torch.nn.init.normal_(p.weight, std=0.5)
+    batch, aug = next(iter(train)), next(trainer._aug_iter)
+    seq = model.whole_sequence(batch)[:, :-1]
+    assert len(plan_length_buckets((seq > 0).sum(1), 3, 0)) == 3  # the case under test
+    out = {}
+    for k in (1, 3):
+        model.length_buckets = k
+        model.zero_grad()
+        torch.manual_seed(11)  # same negatives and insertion positions
+        loss = model.calculate_loss(batch) + model.aug_loss(aug)
+        loss.backward()
+        out[k] = (loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert abs(out[1][0] - out[3][0]) < 1e-5
+    assert len(out[1][1]) == len(out[3][1]) and any(g.abs().sum() > 0 for g in out[3][1][-2:])
+    for a, b in zip(out[1][1], out[3][1]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("fresh", [False, True])
+def test_flat_differentiable_adam_equals_highers_per_tensor_adam(fresh, amsgrad, monkeypatch):
+    import higher
+
+    from recbole_cdsr.trainer.llmcdsr import FlatDifferentiableAdam
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    opt = torch.optim.Adam(net.parameters(), lr=0.05, betas=(0.9, 0.98), weight_decay=0.01, amsgrad=amsgrad)
+    if not fresh:  # moments and step counts to carry into the inner step
+        for _ in range(3):
+            opt.zero_grad()
+            net(torch.randn(5, 6)).pow(2).sum().backward()
+            opt.step()
+    x, y = torch.randn(7, 6), torch.randn(4, 6)
+    phi = torch.randn(6, requires_grad=True)  # the outer parameter, through the inner loss
+    results = []
+    per_tensor = higher.optim.DifferentiableAdam._update
+    for cls in (higher.optim.DifferentiableAdam, FlatDifferentiableAdam):
+        if cls is FlatDifferentiableAdam and not amsgrad:  # must take the flat path
+            monkeypatch.setattr(higher.optim.DifferentiableAdam, "_update", None)
+        fnet = higher.monkeypatch(net, copy_initial_weights=False)
+        diffopt = cls(opt, net.parameters(), fmodel=fnet)
+        diffopt.step(fnet(x * phi).pow(2).sum())
+        outer = fnet(y).pow(2).sum()
+        (g,) = torch.autograd.grad(outer, phi)
+        results.append(([p.detach() for p in fnet.fast_params], g, outer.item()))
+    monkeypatch.setattr(higher.optim.DifferentiableAdam, "_update", per_tensor)
+    (p_ref, g_ref, o_ref), (p_flat, g_flat, o_flat) = results
+    assert g_ref.abs().sum() > 0 and o_ref == pytest.approx(o_flat, rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(p_ref, p_flat))
+    assert torch.allclose(g_ref, g_flat, rtol=1e-5, atol=1e-7)
+
+
+def test_the_shadow_backbone_is_reused_and_its_graph_released(tmp_path, slice_data, side_info):
+    cfg, ds, (train, _, _), model = _setup(str(tmp_path), slice_data, side_info)
+    trainer = LLMCDSRTrainer(cfg, model)
+    trainer._make_loaders(train)
+    loader = iter(train)
+    trainer.meta_step(next(loader), next(trainer._aug_iter), next(trainer._meta_iter))
+    shadow = trainer._fnet
+    trainer.meta_step(next(loader), next(trainer._aug_iter), next(trainer._meta_iter))
+    assert trainer._fnet is shadow and trainer.meta_steps == 2
+    # after a step the shadow holds only the backbone's own weights: no graph kept alive
+    assert len(shadow._fast_params) == 1
+    assert all(a is b for a, b in zip(shadow.fast_params, model.backbone.parameters()))

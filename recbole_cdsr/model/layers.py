@@ -96,3 +96,46 @@ class CausalSeqEncoder(nn.Module):
         mask = torch.tril(keep.expand(-1, -1, L, -1))
         mask = torch.where(mask, 0.0, -10000.0)
         return self.encoder(x, mask, output_all_encoded_layers=True)[-1]
+
+
+def plan_length_buckets(lengths, max_buckets=3, overhead=512):
+    """Split the rows of a batch of left-aligned sequences into at most ``max_buckets`` groups
+    of similar length, so that each group can run the encoder trimmed to its own longest row.
+
+    ``lengths`` [B]: real inputs per row. The split minimises the positions computed,
+    ``sum over groups of rows x longest row``, plus ``overhead`` positions per extra group
+    (the fixed cost of one more encoder pass). Returns a list of ``(rows, length)``: a
+    LongTensor of row indices (on the device of ``lengths``) and the group's longest row,
+    shortest group first. Exact for a causal encoder whose rows do not interact: every real
+    position sees the same inputs as in the untrimmed batch.
+    """
+    import numpy as np
+
+    lens = lengths.detach().cpu().numpy().astype(np.int64).clip(min=1)
+    n = len(lens)
+    order = np.argsort(lens, kind="stable")
+    s = lens[order]
+    # a group boundary only ever falls where the sorted length changes: candidates c_0 = 0 <
+    # ... < c_m = n. best[k][b]: cheapest split of the c_b shortest rows into k groups; a
+    # group of rows c_a..c_b - 1 costs (c_b - c_a) * s[c_b - 1]
+    cand = np.concatenate([[0], np.nonzero(s[1:] != s[:-1])[0] + 1, [n]])
+    top = s[cand[1:] - 1]  # longest row below each candidate boundary
+    m = len(cand)
+    inf = np.iinfo(np.int64).max // 4
+    span = cand[None, :] - cand[:, None]  # [a, b]: rows in c_a..c_b - 1
+    step = np.where(span > 0, span * np.concatenate([[0], top])[None, :] + overhead, inf)
+    best = [np.where(np.arange(m) == 0, 0, inf)]
+    cut = []
+    for _ in range(max(int(max_buckets), 1)):
+        cost = np.minimum(best[-1][:, None] + step, inf)
+        cut.append(cost.argmin(0))
+        best.append(cost.min(0))
+    k = int(np.argmin([b[m - 1] for b in best[1:]])) + 1
+    groups, b = [], m - 1
+    for level in range(k, 0, -1):
+        a = int(cut[level - 1][b])
+        groups.append((order[cand[a]:cand[b]], int(s[cand[b] - 1])))
+        b = a
+    groups.reverse()
+    dev = lengths.device
+    return [(torch.as_tensor(rows.copy(), dtype=torch.long, device=dev), length) for rows, length in groups]

@@ -43,6 +43,51 @@ def _cycle(loader):
         yield from loader
 
 
+class FlatDifferentiableAdam(higher.optim.DifferentiableAdam):
+    """higher's differentiable Adam, with its arithmetic done once over the concatenation of
+    a group's weights instead of once per weight tensor (the backbone's Transformer has 35):
+    the same element-wise formulas in the same order, so the same values and gradients, at
+    ~10 autograd nodes instead of ~350 forward and as many again in the meta backward.
+    Falls back to higher's per-tensor update when a group is not uniform (amsgrad, a
+    missing gradient, or weights at different step counts)."""
+
+    def _update(self, grouped_grads, **kwargs):
+        for group_idx, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
+            states = [self.state[group_idx][i] for i in range(len(group["params"]))]
+            fresh = all(len(st) == 0 for st in states)
+            uniform = fresh or (
+                all("exp_avg" in st and "exp_avg_sq" in st and "step" in st for st in states)
+                and len({float(st["step"]) for st in states}) == 1
+            )
+            if group["amsgrad"] or any(g is None for g in grads) or not uniform:
+                return super()._update(grouped_grads, **kwargs)
+        for group_idx, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
+            params = group["params"]
+            states = [self.state[group_idx][i] for i in range(len(params))]
+            beta1, beta2 = group["betas"]
+            wd = group["weight_decay"]
+            p = torch.cat([x.reshape(-1) for x in params])
+            g = torch.cat([x.reshape(-1) for x in grads])
+            if states[0]:
+                exp_avg = torch.cat([st["exp_avg"].reshape(-1) for st in states])
+                exp_avg_sq = torch.cat([st["exp_avg_sq"].reshape(-1) for st in states])
+                step = states[0]["step"] + 1
+            else:
+                exp_avg, exp_avg_sq, step = torch.zeros_like(p), torch.zeros_like(p), 1
+            if wd != 0:
+                g = g + (wd * p)
+            exp_avg = (exp_avg * beta1) + (1 - beta1) * g
+            exp_avg_sq = (exp_avg_sq * beta2) + (1 - beta2) * g * g
+            higher.optim._maybe_mask(exp_avg_sq, exp_avg_sq == 0.0)
+            denom = exp_avg_sq.sqrt() + (1.0 * group["eps"])
+            step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+            new = p + (-step_size) * (exp_avg / denom)
+            sizes = [x.numel() for x in params]
+            for i, (x, piece, m, v) in enumerate(zip(params, new.split(sizes), exp_avg.split(sizes), exp_avg_sq.split(sizes))):
+                params[i] = piece.view(x.shape)
+                states[i].update(step=step, exp_avg=m.view(x.shape), exp_avg_sq=v.view(x.shape))
+
+
 class LLMCDSRTrainer(CDSRTrainer):
     def __init__(self, config, model):
         super().__init__(config, model)
@@ -53,8 +98,11 @@ class LLMCDSRTrainer(CDSRTrainer):
             raise ValueError(f"meta_inner_optimizer must be sgd or adam, got {self.inner_kind!r}")
         self.inner_lr = config["meta_inner_lr"]
         betas = tuple(config["adam_betas"])
+        # fused: one kernel over each weight instead of ~10 element-wise passes; on CPU the
+        # backbone's 2.4M-weight step takes 2 ms instead of 18 ms (same update rule)
         self.optimizer = torch.optim.Adam(
-            model.backbone.parameters(), lr=config["learning_rate"], betas=betas, weight_decay=config["weight_decay"]
+            model.backbone.parameters(), lr=config["learning_rate"], betas=betas, weight_decay=config["weight_decay"],
+            fused=config["device"].type in ("cpu", "cuda"),
         )
         self.meta_optimizer = torch.optim.Adam(model.poolers.parameters(), lr=config["meta_lr"])
         self.aug_batch_size = config["aug_batch_size"]
@@ -62,6 +110,7 @@ class LLMCDSRTrainer(CDSRTrainer):
         self.use_aug = self.mode != "backbone_only"
         self.use_meta = self.mode == "full"
         self._aug_iter = self._meta_iter = None
+        self._fnet = None
         self.meta_steps = 0
 
     # -- loaders of single-domain (augmentation) and overlapped (meta) users ----------------
@@ -126,34 +175,62 @@ class LLMCDSRTrainer(CDSRTrainer):
         g_orig = list(torch.autograd.grad(loss_orig, weights, allow_unused=True))
         # the shadow's initial weights are the backbone's own tensors, never written to:
         # the meta-gradient is taken for the poolers only, so nothing flows into them
-        with higher.innerloop_ctx(model.backbone, inner, copy_initial_weights=False, override=override) as (fnet, diffopt):
-            params = list(fnet.fast_params)
-            loss_aug, touched = model.aug_loss(aug_batch, net=fnet, with_grad=True, return_items=True)
-            kept = {}
+        fnet = self._shadow()
+        diffopt = self._diff_optimizer(inner, fnet, override)
+        params = list(fnet.fast_params)
+        loss_aug, touched = model.aug_loss(aug_batch, net=fnet, with_grad=True, return_items=True)
+        kept = {}
 
-            def callback(grads):
-                grads = _add_grads(grads, g_orig)
-                kept["emb"] = grads[ei]  # the inner optimiser does not hold this weight
-                return grads
+        def callback(grads):
+            grads = _add_grads(grads, g_orig)
+            kept["emb"] = grads[ei]  # the inner optimiser does not hold this weight
+            return grads
 
-            diffopt.step(loss_aug, grad_callback=callback)
-            # the meta loss's negatives are drawn now, so the rows it reads are known
-            meta_neg, meta_items = model.loss_plan(meta_batch)
-            rows = torch.unique(torch.cat([touched, meta_items]))
-            fast = list(fnet.fast_params)
-            fast[ei] = self._inner_embedding_step(params[ei], g_orig[ei], kept["emb"], rows[rows > 0])
-            fnet.update_params(fast)
-            meta_loss = model.calculate_loss(meta_batch, net=fnet, neg=meta_neg)
-            # only the poolers' gradient: autograd skips the paths that lead to the shadow's
-            # initial weights alone
-            pool = list(model.poolers.parameters())
-            grads = torch.autograd.grad(meta_loss, pool, allow_unused=True)
-            for p, g in zip(pool, grads):
-                p.grad = torch.zeros_like(p) if g is None else g
+        diffopt.step(loss_aug, grad_callback=callback)
+        # the meta loss's negatives are drawn now, so the rows it reads are known
+        meta_neg, meta_items = model.loss_plan(meta_batch)
+        rows = torch.unique(torch.cat([touched, meta_items]))
+        fast = list(fnet.fast_params)
+        fast[ei] = self._inner_embedding_step(params[ei], g_orig[ei], kept["emb"], rows[rows > 0])
+        fnet.update_params(fast)
+        meta_loss = model.calculate_loss(meta_batch, net=fnet, neg=meta_neg)
+        # only the poolers' gradient: autograd skips the paths that lead to the shadow's
+        # initial weights alone
+        pool = list(model.poolers.parameters())
+        grads = torch.autograd.grad(meta_loss, pool, allow_unused=True)
+        for p, g in zip(pool, grads):
+            p.grad = torch.zeros_like(p) if g is None else g
+        self._release(fnet)
         self.meta_optimizer.step()
         self.meta_steps += 1
         self.last_meta_loss = meta_loss.item()
         return loss_orig.detach(), g_orig
+
+    def _shadow(self):
+        """The functional copy of the backbone (higher's ``monkeypatch``), built once and
+        reset to the backbone's current weights at every meta step: building it costs ~6 ms,
+        as much as a sixth of the augmented batch's pass. Its initial weights are the
+        backbone's own tensors (``copy_initial_weights=False``), never written to."""
+        if self._fnet is None:
+            self._fnet = higher.monkeypatch(self.model.backbone, copy_initial_weights=False)
+        fnet = self._fnet
+        fnet.train(self.model.backbone.training)
+        fnet._fast_params = None  # higher keeps every version of the fast weights: start a fresh history
+        fnet.update_params(list(self.model.backbone.parameters()))
+        return fnet
+
+    @staticmethod
+    def _release(fnet):
+        """Point the shadow back at plain weights, so the step's graph can be freed."""
+        base = list(fnet._fast_params[0])
+        fnet._fast_params = None
+        fnet.update_params(base)
+
+    def _diff_optimizer(self, inner, fnet, override):
+        reference = self.model.backbone.parameters()
+        if self.inner_kind == "adam":
+            return FlatDifferentiableAdam(inner, reference, fmodel=fnet, override=override)
+        return higher.optim.get_diff_optim(inner, reference, fmodel=fnet, override=override)
 
     def _inner_optimizer(self):
         """The optimiser higher differentiates: every backbone weight except the item
