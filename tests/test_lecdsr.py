@@ -278,3 +278,32 @@ def test_one_command_on_real_food_kitchen_slice(tmp_path, slice_data, capsys):
     assert res["stages"]["profiles"]["source"]["generator"] == "titles"
     assert "NOT an LLM" in res["stages"]["profiles"]["source"]["note"]
     assert res["timing"]["train_steps"] > 0 and 0 <= res["test"]["full"]["A/hit@10"] <= 1
+
+
+def test_profile_embedding_resumes_from_its_saved_parts(tmp_path):
+    from recbole_cdsr.llm.profiles import encode_in_parts
+
+    class Flaky:
+        """Encodes a text as [len, first char code]; fails on the call numbered ``fail_at``."""
+
+        def __init__(self, fail_at=None):
+            self.calls, self.fail_at = [], fail_at
+
+        def encode(self, texts):
+            self.calls.append(list(texts))
+            if len(self.calls) == self.fail_at:
+                raise RuntimeError("killed")
+            return np.asarray([[len(t), ord(t[0])] for t in texts], dtype=np.float32)
+
+    texts = [f"text {i}" * (1 + i % 3) for i in range(23)]
+    parts = str(tmp_path / "x.parts")
+    first = Flaky(fail_at=4)
+    with pytest.raises(RuntimeError, match="killed"):
+        encode_in_parts(first, texts, parts, part_size=5)
+    assert len(os.listdir(parts)) == 3  # parts 1-3 done and kept
+    # a damaged part (wrong number of rows) is encoded again
+    np.save(os.path.join(parts, "part-00001-of-00005.npy"), np.zeros((2, 2), np.float32))
+    second = Flaky()
+    table = encode_in_parts(second, texts, parts, part_size=5)
+    assert [c[0] for c in second.calls] == [texts[5], texts[15], texts[20]]  # parts 2, 4, 5 only
+    assert np.array_equal(table, Flaky().encode(texts)) and not os.path.exists(parts)

@@ -158,8 +158,7 @@ def build_profiles(config, dataset_dir, name, encoder, items, backend_factory=No
             m = json.load(f)
         if m.get("npz_sha256") == sha256_file(path):
             return path, m
-    logger.info(f"embedding {len(users)} user profiles with {encoder.name}")
-    emb = encoder.encode(cut, show_progress=show_progress)
+    emb = encode_in_parts(encoder, cut, path[:-4] + ".parts", what="user profiles")
     buf = io.BytesIO()
     np.savez(buf, users=np.asarray(users, dtype=str), emb=emb.astype(np.float32))
     atomic_write_bytes(path, buf.getvalue())
@@ -167,6 +166,51 @@ def build_profiles(config, dataset_dir, name, encoder, items, backend_factory=No
                   mean_chars=float(np.mean([len(t) for t in cut])) if cut else 0.0)
     atomic_write_json(man, record)
     return path, record
+
+
+PART_SIZE = 4096  # texts per cached part of a long encoding job
+
+
+def encode_in_parts(encoder, texts, parts_dir, what="texts", part_size=None):
+    """``encoder.encode(texts)``, done in parts of ``PART_SIZE`` texts, each saved (atomically)
+    under ``parts_dir`` as soon as it is done, so that an interrupted job (the 53k Food-Kitchen
+    profiles take over half an hour on a 2-core CPU) resumes where it stopped. ``parts_dir``
+    must be specific to the texts and the encoder (the caller's content tag); it is removed
+    once the whole table is returned. A part with the wrong shape is encoded again."""
+    import time
+
+    if not texts:
+        return np.asarray(encoder.encode(texts), dtype=np.float32)
+    size = int(part_size or PART_SIZE)
+    n_parts = max((len(texts) + size - 1) // size, 1)
+    os.makedirs(parts_dir, exist_ok=True)
+    out, started, done_now = [], time.time(), 0
+    for k in range(n_parts):
+        chunk = texts[k * size:(k + 1) * size]
+        part = os.path.join(parts_dir, f"part-{k:05d}-of-{n_parts:05d}.npy")
+        emb = None
+        if os.path.isfile(part):
+            try:
+                emb = np.load(part, allow_pickle=False)
+            except (OSError, ValueError):
+                emb = None
+            if emb is not None and emb.shape[0] != len(chunk):
+                emb = None
+        if emb is None:
+            emb = np.asarray(encoder.encode(chunk), dtype=np.float32)
+            buf = io.BytesIO()
+            np.save(buf, emb, allow_pickle=False)
+            atomic_write_bytes(part, buf.getvalue())
+            done_now += 1
+            eta = (time.time() - started) / done_now * (n_parts - k - 1)
+            logger.info(f"embedded {what}: part {k + 1}/{n_parts} ({min((k + 1) * size, len(texts))} of "
+                        f"{len(texts)}), about {eta / 60:.1f} min left")
+        out.append(emb)
+    table = np.concatenate(out)
+    for f in os.listdir(parts_dir):
+        os.remove(os.path.join(parts_dir, f))
+    os.rmdir(parts_dir)
+    return table
 
 
 def write_item_text_table(dataset_dir, name, tokens, emb, encoder):
