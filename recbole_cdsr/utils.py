@@ -105,3 +105,22 @@ def tune_cpu_allocator():
     except (OSError, AttributeError):
         _ALLOCATOR_TUNED = False
     return _ALLOCATOR_TUNED
+
+
+def code_fingerprint():
+    """sha256 (first 12 hex digits) over the plugin's source files and YAML defaults: which
+    code a result came from. Recorded in every benchmark line and calibration entry; it is
+    not part of a run's config hash (see ``benchmark/runner.py``)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    roots = [(PACKAGE_DIR, (".py",)), (properties_dir(), (".yaml", ".hyper"))]
+    for root, exts in roots:
+        files = []
+        for d, _, names in os.walk(root):
+            files += [os.path.join(d, n) for n in names if n.endswith(exts)]
+        for f in sorted(files, key=lambda x: os.path.relpath(x, root)):
+            h.update(os.path.relpath(f, root).replace(os.sep, "/").encode() + b"\0")
+            with open(f, "rb") as fh:
+                h.update(hashlib.sha256(fh.read()).digest())
+    return h.hexdigest()[:12]

@@ -89,6 +89,20 @@ def test_matrix_runs_rerun_does_nothing_and_a_deleted_line_reruns_exactly_that_r
     assert new[-1]["test"] == victim["test"]  # same seed, same config: same metrics
     assert new[-1]["test_instances"] == victim["test_instances"]
 
+    # every line names the code it came from; the leaderboard says so, and warns on a mix
+    from recbole_cdsr.utils import code_fingerprint
+
+    code = code_fingerprint()
+    assert {ln["code"] for ln in new} == {code} and len(code) == 12
+    md = tmp_path / "out" / "leaderboard-tiny-cdsr.md"
+    assert f"every run from recbole-cdsr sources {code}" in md.read_text() and "Warning" not in md.read_text()
+    new[0]["code"] = "0123456789ab"  # as if that run had been made before a code change
+    with open(res, "w") as f:
+        f.writelines(json.dumps(ln) + "\n" for ln in new)
+    assert run_benchmark(spec)["ran"] == 0
+    text = md.read_text()
+    assert "runs come from 2 versions of the code" in text and f"0123456789ab: 1 runs (e.g. {new[0]['run_key']})" in text
+
 
 def test_failing_model_is_recorded_and_the_others_finish(tmp_path, syn_data, capsys):
     from run_recbole_cdsr import main

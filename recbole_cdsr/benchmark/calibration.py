@@ -16,7 +16,7 @@ import platform
 import sys
 from datetime import datetime, timezone
 
-from recbole_cdsr.utils import atomic_write_json, sha256_file
+from recbole_cdsr.utils import atomic_write_json, code_fingerprint, sha256_file
 
 CALIBRATION_VERSION = 1
 CALIBRATION_FILE = "calibration.json"
@@ -70,7 +70,7 @@ def calibrated_steps(output_dir, key, model, dataset, cfg, config_files, fingerp
             "identity": ident, "model": model, "dataset": dataset, "seconds_per_step": sps,
             "timed_steps": n, "num_threads": cfg.get("num_threads"), "machine": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "code": code_fingerprint(),
         }
         cache[key] = rec
         atomic_write_json(path, cache)

@@ -148,7 +148,16 @@ def _cell(row):
     return s
 
 
-def to_markdown(spec, dataset, rows, missing=None):
+def code_versions(by_name):
+    """``{code fingerprint: [run_key, ...]}`` of a dataset's selected lines."""
+    out = OrderedDict()
+    for lines in by_name.values():
+        for ln in lines:
+            out.setdefault(ln.get("code") or "unrecorded", []).append(ln["run_key"])
+    return out
+
+
+def to_markdown(spec, dataset, rows, missing=None, code=None):
     out = io.StringIO()
     names = []
     for r in rows:
@@ -186,6 +195,13 @@ def to_markdown(spec, dataset, rows, missing=None):
     if missing:
         out.write("\nRuns without a finished result (failed or not run yet): "
                   + ", ".join(k for keys in missing.values() for k in keys) + "\n")
+    if code:
+        if len(code) == 1:
+            out.write(f"\nCode: every run from recbole-cdsr sources {next(iter(code))}.\n")
+        else:
+            out.write(f"\n**Warning: the runs come from {len(code)} versions of the code** "
+                      "(delete the lines of the runs to redo from results.jsonl and run again): "
+                      + "; ".join(f"{c}: {len(keys)} runs (e.g. {keys[0]})" for c, keys in code.items()) + "\n")
     return out.getvalue()
 
 
@@ -251,7 +267,8 @@ def write_leaderboards(spec, runs, lines, out_dir=None):
             continue
         rows = summarize(spec, ds, by_name)
         base = os.path.join(out_dir, f"leaderboard-{ds}")
-        atomic_write_bytes(base + ".md", to_markdown(spec, ds, rows, missing.get(ds)).encode())
+        md = to_markdown(spec, ds, rows, missing.get(ds), code_versions(by_name))
+        atomic_write_bytes(base + ".md", md.encode())
         atomic_write_bytes(base + ".csv", to_csv(rows).encode())
         plot_png(spec, ds, rows, base + ".png")
         reports[ds] = {"markdown": base + ".md", "csv": base + ".csv", "png": base + ".png", "rows": rows}

@@ -16,7 +16,12 @@
 
 A line of ``results.jsonl`` is the run's results file (see ``quick_start``) plus
 ``benchmark``, ``name`` (the leaderboard label), ``run_key`` (``dataset/name/seedN``),
-``config_hash``, ``status`` and ``wall_seconds``. Deleting a line reruns exactly that run.
+``config_hash``, ``status``, ``wall_seconds`` and ``code`` (:func:`code_fingerprint` of the
+plugin's sources and defaults). Deleting a line reruns exactly that run.
+
+The code is not part of the config hash: a fix in one model must not void a finished
+matrix. Instead the leaderboard says which code versions its rows come from, and warns
+when they are more than one (delete the lines of the runs to redo).
 """
 
 import hashlib
@@ -28,6 +33,7 @@ from datetime import datetime, timezone
 from time import time
 
 from recbole_cdsr.benchmark.spec import BenchmarkError, BenchmarkSpec, load_benchmark
+from recbole_cdsr.utils import code_fingerprint
 
 #: config keys that say where files go or how much is printed: not part of the config hash
 NON_HASHED_KEYS = ("checkpoint_dir", "results_dir", "show_progress", "state", "data_path")
@@ -230,7 +236,7 @@ def execute_run(run):
         line = failed_line(run, e, traceback.format_exc(limit=30))
     line.update(
         benchmark=run["benchmark"], name=run["name"], run_key=run["run_key"],
-        config_hash=run["config_hash"], wall_seconds=time() - t0,
+        config_hash=run["config_hash"], wall_seconds=time() - t0, code=code_fingerprint(),
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     return line
@@ -241,7 +247,7 @@ def failed_line(run, error, tb=None):
         "model": run["model"], "dataset": run["dataset"], "seed": run["seed"],
         "status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": tb,
         "benchmark": run["benchmark"], "name": run["name"], "run_key": run["run_key"],
-        "config_hash": run["config_hash"],
+        "config_hash": run["config_hash"], "code": code_fingerprint(),
     }
 
 
