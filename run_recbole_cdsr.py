@@ -2,7 +2,7 @@
 
     python run_recbole_cdsr.py --model=SASRec --dataset=food-kitchen
     python run_recbole_cdsr.py --model=GRU4Rec --dataset=food-kitchen --config_files=my.yaml --epochs=20
-    python run_recbole_cdsr.py --benchmark=benchmarks/food-kitchen.yaml [--executor=ray]
+    python run_recbole_cdsr.py --benchmark=benchmarks/food-kitchen.yaml [--executor=ray] [--models=SASRec,GRU4Rec]
     python run_recbole_cdsr.py --model=SASRec --dataset=food-kitchen --tune=random --max_evals=8 --epochs=5
 
 Any other ``--key=value`` overrides a config key (highest priority, as in RecBole).
@@ -25,6 +25,8 @@ def main(argv=None):
     parser.add_argument("--executor", type=str, default="local", choices=["local", "ray"],
                         help="where benchmark runs execute (ray: pip install -e .[ray])")
     parser.add_argument("--ray_address", type=str, default=None, help="Ray cluster address (default: local Ray)")
+    parser.add_argument("--models", type=str, default=None,
+                        help="benchmark: run only these model names of the file (comma-separated)")
     parser.add_argument("--tune", type=str, default=None, choices=["exhaustive", "random", "bayes"],
                         help="search the model's properties/hyper/<Model>.hyper space (validation only)")
     parser.add_argument("--max_evals", type=int, default=10, help="trials of --tune")
@@ -43,7 +45,8 @@ def main(argv=None):
         from recbole_cdsr.benchmark.runner import run_benchmark
 
         try:
-            out = run_benchmark(args.benchmark, executor=args.executor, ray_address=args.ray_address)
+            only = [m.strip() for m in args.models.split(",") if m.strip()] if args.models is not None else None
+            out = run_benchmark(args.benchmark, executor=args.executor, ray_address=args.ray_address, only=only)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -52,6 +55,8 @@ def main(argv=None):
                   + ", ".join(out["failed"]), file=sys.stderr)
             return 1
         return 0
+    if args.models is not None:
+        parser.error("--models selects models of a --benchmark file (use --model for one run)")
     if args.tune:
         from recbole_cdsr.benchmark.hyper import tune_model
 

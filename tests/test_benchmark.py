@@ -339,6 +339,39 @@ def test_budget_in_minutes_becomes_a_fixed_step_count_per_model(tmp_path, syn_da
     assert open(tmp_path / "out" / "calibration.json").read() == before
 
 
+def test_models_option_runs_part_of_the_matrix_model_by_model(tmp_path, syn_data, capsys):
+    from run_recbole_cdsr import main
+
+    spec = write_spec(tmp_path, syn_data, models=["GRU4Rec", "SASRec"], seeds=[1, 2],
+                      budget={"minutes": 0.02, "epochs": 100, "calibration_steps": 2},
+                      config=dict(TINY, data_path=syn_data, stopping_step=1000))
+    cal_path = tmp_path / "out" / "calibration.json"
+    assert main([f"--benchmark={spec}", "--models=SASRec"]) == 0
+    lines = read_lines(tmp_path / "out" / "results.jsonl")
+    assert [ln["run_key"] for ln in lines] == ["tiny-cdsr/SASRec/seed1", "tiny-cdsr/SASRec/seed2"]
+    assert [k.split("@")[0] for k in json.load(open(cal_path))] == ["tiny-cdsr/SASRec"]  # GRU4Rec not timed
+    md = (tmp_path / "out" / "leaderboard-tiny-cdsr.md").read_text()
+    assert "| SASRec |" in md and "| GRU4Rec |" not in md
+    sasrec_cal = json.load(open(cal_path))
+    # the rest of the matrix: GRU4Rec only, its seeds one after the other; SASRec is kept
+    out = run_benchmark(spec)
+    assert (out["runs"], out["skipped"], out["ran"], out["failed"]) == (4, 2, 2, [])
+    lines = read_lines(tmp_path / "out" / "results.jsonl")
+    assert [ln["run_key"] for ln in lines[2:]] == ["tiny-cdsr/GRU4Rec/seed1", "tiny-cdsr/GRU4Rec/seed2"]
+    cal = json.load(open(cal_path))
+    assert {k: v for k, v in cal.items() if k.startswith("tiny-cdsr/SASRec@")} == sasrec_cal
+    md = (tmp_path / "out" / "leaderboard-tiny-cdsr.md").read_text()
+    assert "| SASRec |" in md and "| GRU4Rec |" in md
+    assert run_benchmark(spec, only=["GRU4Rec"])["ran"] == 0
+    with pytest.raises(BenchmarkError, match="names of the file's models"):
+        run_benchmark(spec, only=["NARM"])
+    capsys.readouterr()
+    assert main([f"--benchmark={spec}", "--models=SASRec,Nope"]) == 2
+    assert "'Nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model=SASRec", "--dataset=tiny-cdsr", "--models=SASRec"])
+
+
 def test_cli_tune_searches_the_models_space_on_validation(tmp_path, syn_data, capsys):
     from run_recbole_cdsr import main
 
@@ -361,3 +394,26 @@ def test_cli_benchmark_refuses_model_arguments(tmp_path, capsys):
     assert "--benchmark takes its models" in capsys.readouterr().err
     assert main([f"--benchmark={tmp_path / 'missing.yaml'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_committed_food_kitchen_benchmark_file():
+    """benchmarks/food-kitchen.yaml parses and holds what the leaderboard promises."""
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "food-kitchen.yaml")
+    spec = load_benchmark(path)
+    assert spec.datasets == ["food-kitchen"]
+    assert spec.seeds == [2020, 2021, 2022]
+    assert spec.protocols == ["sampled", "full"]
+    names = [m.name for m in spec.models]
+    required = {"SASRec", "GRU4Rec", "BERT4Rec", "NARM", "STAMP", "Caser", "SRGNN", "CORE", "LightSANs",
+                "FEARec", "NextItNet", "FPMC"}
+    assert required <= set(names)
+    assert {"LLMCDSR", "LLMCDSR-backbone", "LeCDSR"} <= set(names)
+    assert spec.entry("LLMCDSR-backbone").config == {"llmcdsr_mode": "backbone_only"}
+    # the 12 RecBole models are the baselines of the significance test; ours are not
+    assert set(spec.baselines) == required
+    assert spec.budget["minutes"] > 0
+    # results, calibration and leaderboard are committed beside the file
+    here = os.path.dirname(os.path.abspath(path))
+    assert spec.output_dir == os.path.join(here, "results", "food-kitchen")

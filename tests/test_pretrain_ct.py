@@ -61,3 +61,61 @@ def test_training_improves_validation_over_random():
     text = np.random.default_rng(0).standard_normal((31, 8)).astype(np.float32)
     res = pretrain_domain(seqs, text, dict(HP, epochs=30, patience=30, dropout=0.1))
     assert res["valid_hit@10"] > 0.9  # random ranking of 30 items would give ~0.33
+
+
+def test_length_buckets_leave_losses_and_gradients_unchanged(monkeypatch):
+    import recbole_cdsr.model.pretrain_ct as pct
+
+    monkeypatch.setattr(pct, "BUCKET_OVERHEAD", 0)  # small batch: let the plan use 3 groups
+    torch.manual_seed(0)
+    m = CollabTextPretrainer(31, 8, dict(DEFAULTS, **HP))
+    m.eval()  # no dropout: both ways must give the same numbers
+    text = torch.randn(31, 8)
+    lens = [2, 9, 3, 10, 1, 5, 9]
+    inp = torch.zeros(len(lens), 10, dtype=torch.long)
+    for i, n in enumerate(lens):
+        inp[i, :n] = torch.randint(1, 31, (n,))
+    pos = torch.where(inp > 0, torch.randint(1, 31, inp.shape), 0)
+    neg = torch.where(inp > 0, torch.randint(1, 31, inp.shape), 0)
+    assert len(pct.plan_length_buckets((inp > 0).sum(1), 3, 0)) == 3  # the case under test
+    out = {}
+    for k in (1, 3):
+        m.zero_grad()
+        bce, nce = m.losses(inp, pos, neg, text, buckets=k)
+        (bce + 0.1 * nce).backward()
+        out[k] = (bce.detach(), nce.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None])
+    assert torch.allclose(out[1][0], out[3][0], atol=1e-6) and torch.equal(out[1][1], out[3][1])
+    assert len(out[1][2]) == len(out[3][2]) > 0
+    for g1, g3 in zip(out[1][2], out[3][2]):
+        assert torch.allclose(g1, g3, atol=1e-6)
+
+
+def test_validation_hit_at_10_is_the_pessimistic_full_ranking():
+    torch.manual_seed(1)
+    m = CollabTextPretrainer(41, 8, dict(DEFAULTS, **HP))
+    with torch.no_grad():  # ties: item 7 scores exactly as item 3 for every history
+        m.enc.item_embedding.weight[7] = m.enc.item_embedding.weight[3]
+    lens = [1, 4, 10, 2, 7, 3, 10, 5, 6, 1, 8]
+    hist = torch.zeros(len(lens), 10, dtype=torch.long)
+    for i, n in enumerate(lens):
+        hist[i, :n] = torch.randint(1, 41, (n,))
+    target = torch.randint(1, 41, (len(lens),))
+    target[:3] = 3  # tied with item 7: pessimistic ranks count item 7
+    m.eval()
+    hits = 0
+    with torch.no_grad():
+        for i in range(len(lens)):  # one row at a time, untrimmed
+            h = m.enc(hist[i : i + 1])[0, lens[i] - 1]
+            s = m.enc.item_embedding.weight @ h
+            t = int(target[i])
+            rank = 1 + sum(1 for c in range(1, 41) if c != t and s[c] >= s[t])
+            hits += rank <= 10
+    want = hits / len(lens)
+    m.train()
+    assert m.hit_at_10(hist, target, chunk=3) == want
+    assert m.hit_at_10(hist, target, chunk=1024) == want
+    assert m.training  # back in training mode
+    # every item tied with the target (a constant model) ranks it last: no hit
+    with torch.no_grad():
+        m.enc.item_embedding.weight[:] = 1.0
+    assert m.hit_at_10(hist, target) == 0.0

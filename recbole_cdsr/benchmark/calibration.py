@@ -53,8 +53,10 @@ def measure_seconds_per_step(model, dataset, cfg, config_files, calib_steps):
 
 
 def calibrated_steps(output_dir, key, model, dataset, cfg, config_files, fingerprint, minutes,
-                     calib_steps, stream=None):
-    """``(max_train_steps, record)`` for a budget of ``minutes`` (measured once, then cached)."""
+                     calib_steps, stream=None, measure=True):
+    """``(max_train_steps, record)`` for a budget of ``minutes`` (measured once, then cached).
+
+    With ``measure=False`` a model without a cached measurement gives ``(None, None)``."""
     stream = stream or sys.stdout
     path = os.path.join(output_dir, CALIBRATION_FILE)
     cache = {}
@@ -64,6 +66,8 @@ def calibrated_steps(output_dir, key, model, dataset, cfg, config_files, fingerp
     ident = _identity(model, dataset, cfg, config_files, fingerprint, calib_steps)
     key = f"{key}@{ident}"  # one entry per config: a tuned and an untuned config both stay
     rec = cache.get(key)
+    if rec is None and not measure:
+        return None, None
     if rec is None:
         sps, n = measure_seconds_per_step(model, dataset, cfg, config_files, calib_steps)
         rec = {

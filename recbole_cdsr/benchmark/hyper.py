@@ -106,15 +106,17 @@ def _quiet_print(fn):
         return fn()
 
 
-def tune_benchmark(spec, fingerprints, stream=None):
-    """Run (or reuse) every search of the benchmark; ``{(dataset, name): best_params}``."""
+def tune_benchmark(spec, fingerprints, stream=None, names=None):
+    """Run (or reuse) every search of the benchmark (``names``: only those of these models);
+    ``{(dataset, name): best_params}``."""
     from recbole_cdsr.benchmark.runner import _base_config, calibrate_budgets
 
     h = spec.hyper
-    steps = calibrate_budgets(spec, fingerprints, budget=h["budget"], names=h["models"], stream=stream)
+    models = [n for n in h["models"] if names is None or n in names]
+    steps = calibrate_budgets(spec, fingerprints, budget=h["budget"], names=models, stream=stream)
     out = {}
     for ds in spec.datasets:
-        for name in h["models"]:
+        for name in models:
             entry = spec.entry(name)
             base = _base_config(spec, entry, ds, h["budget"], steps=steps.get((ds, name)))
             base.pop("seed", None)

@@ -110,8 +110,11 @@ def prepare_datasets(spec):
     return out
 
 
-def calibrate_budgets(spec, fingerprints, tuned=None, budget=None, names=None, stream=None):
-    """``{(dataset, name): max_train_steps}`` for a budget in minutes (else empty)."""
+def calibrate_budgets(spec, fingerprints, tuned=None, budget=None, names=None, stream=None, measure=None):
+    """``{(dataset, name): max_train_steps}`` for a budget in minutes (else empty).
+
+    ``names``: only these models; ``measure``: the models that may be timed now (default:
+    all), the others only when their measurement is cached (else they are left out)."""
     from recbole_cdsr.benchmark.calibration import calibrated_steps
 
     budget = budget or spec.budget
@@ -125,26 +128,36 @@ def calibrate_budgets(spec, fingerprints, tuned=None, budget=None, names=None, s
                 continue
             cfg = _base_config(spec, entry, ds, budget, tuned.get((ds, entry.name)))
             cfg["seed"] = spec.seeds[0]
-            out[(ds, entry.name)], _ = calibrated_steps(
+            n, _ = calibrated_steps(
                 spec.output_dir, f"{ds}/{entry.name}", entry.model, ds, cfg, spec.config_files,
                 fingerprints[ds], budget["minutes"], budget["calibration_steps"], stream,
+                measure=measure is None or entry.name in measure,
             )
+            if n is not None:
+                out[(ds, entry.name)] = n
     return out
 
 
-def plan_runs(spec, fingerprints, tuned=None, steps=None, check=True):
-    """Every run of the matrix (dataset, then seed, then model), each a plain dict.
+def plan_runs(spec, fingerprints, tuned=None, steps=None, check=True, names=None):
+    """Every run of the matrix (dataset, then model, then seed), each a plain dict.
+
+    A model's seeds run one after another, so a benchmark stopped part way has complete
+    rows (every seed) for the models it reached, and a model's cached stages (LLMCDSR's
+    pre-training, LeCDSR's profiles) are needed in one stretch.
 
     ``tuned``: ``{(dataset, name): params}`` from the searches; ``steps``:
-    ``{(dataset, name): max_train_steps}`` from the calibration of a budget in minutes."""
+    ``{(dataset, name): max_train_steps}`` from the calibration of a budget in minutes;
+    ``names``: plan only these models (default: all)."""
     from recbole_cdsr.config import CDSRConfig
 
     tuned = tuned or {}
     steps = steps or {}
     runs = []
     for ds in spec.datasets:
-        for seed in spec.seeds:
-            for entry in spec.models:
+        for entry in spec.models:
+            if names is not None and entry.name not in names:
+                continue
+            for seed in spec.seeds:
                 key = (ds, entry.name)
                 cfg = _base_config(spec, entry, ds, spec.budget, tuned.get(key), steps.get(key))
                 cfg["seed"] = seed
@@ -323,44 +336,62 @@ def run_ray(pending, store, progress, address=None, cpus_per_run=1):
 EXECUTORS = ("local", "ray")
 
 
-def run_benchmark(spec, executor="local", ray_address=None, write_reports=True, stream=None):
+def run_benchmark(spec, executor="local", ray_address=None, write_reports=True, stream=None, only=None):
     """Run (or resume) a benchmark; return a summary dict.
 
     Args:
         spec: a path to a benchmark file or a :class:`BenchmarkSpec`.
         executor: ``local`` (one run after the other, in this process) or ``ray``.
+        only: model names (of the file) to run now; the others are neither searched,
+            calibrated nor run, and appear in the leaderboard only when their calibration
+            (and search) is cached and their runs are recorded. Default: every model.
     """
     if executor not in EXECUTORS:
         raise BenchmarkError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
     if not isinstance(spec, BenchmarkSpec):
         spec = load_benchmark(spec)
+    names = [m.name for m in spec.models]
+    if only is not None:
+        only = [only] if isinstance(only, str) else list(only)
+        bad = [n for n in only if n not in names]
+        if not only or bad:
+            raise BenchmarkError(
+                f"{spec.path or spec.name}: models to run must be names of the file's models "
+                f"({', '.join(names)}), got {bad[0] if bad else only!r}"
+            )
+    selected = set(only) if only is not None else set(names)
     stream = stream or sys.stdout
     os.makedirs(spec.output_dir, exist_ok=True)
     fingerprints = prepare_datasets(spec)
     tuned = {}
+    planned = set(names)
     if spec.hyper:
         from recbole_cdsr.benchmark.hyper import tune_benchmark
 
-        tuned = tune_benchmark(spec, fingerprints, stream=stream)
-    steps = calibrate_budgets(spec, fingerprints, tuned, stream=stream)
-    runs = plan_runs(spec, fingerprints, tuned, steps)
+        tuned = tune_benchmark(spec, fingerprints, stream=stream, names=selected)
+        planned -= set(spec.hyper["models"]) - selected  # a search of its own, not run now
+    steps = calibrate_budgets(spec, fingerprints, tuned, names=planned, stream=stream, measure=selected)
+    if spec.budget.get("minutes") is not None:
+        planned = {n for n in planned if all((ds, n) in steps for ds in spec.datasets)}
+    runs = plan_runs(spec, fingerprints, tuned, steps, names=planned)
     store = ResultsStore(os.path.join(spec.output_dir, RESULTS_FILE))
     done = finished_keys(store.read())
-    pending = [r for r in runs if (r["run_key"], r["config_hash"]) not in done]
-    skipped = len(runs) - len(pending)
+    pending = [r for r in runs if (r["run_key"], r["config_hash"]) not in done and r["name"] in selected]
+    skipped = sum(1 for r in runs if (r["run_key"], r["config_hash"]) in done)
     print(
-        f"benchmark {spec.name}: {len(runs)} runs ({len(spec.datasets)} datasets x {len(spec.models)} "
+        f"benchmark {spec.name}: {len(runs)} runs ({len(spec.datasets)} datasets x {len(planned)} "
         f"models x {len(spec.seeds)} seeds), {skipped} already finished, {len(pending)} to run "
-        f"({executor})", file=stream, flush=True,
+        f"({executor}{'; models ' + ', '.join(only) if only is not None else ''})", file=stream, flush=True,
     )
-    progress = Progress(len(runs), skipped, stream)
+    progress = Progress(skipped + len(pending), skipped, stream)
     if pending:
         if executor == "ray":
             run_ray(pending, store, progress, ray_address, spec.threads or 1)
         else:
             run_local(pending, store, progress)
     lines = store.read()
-    failed = [r["run_key"] for r in runs if (r["run_key"], r["config_hash"]) not in finished_keys(lines)]
+    failed = [r["run_key"] for r in runs
+              if r["name"] in selected and (r["run_key"], r["config_hash"]) not in finished_keys(lines)]
     reports = {}
     if write_reports:
         from recbole_cdsr.benchmark.leaderboard import write_leaderboards

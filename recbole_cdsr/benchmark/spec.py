@@ -17,7 +17,8 @@ A benchmark file is YAML::
     baselines: ~                      # names compared by the significance test (default:
                                       # every RecBole model in the list)
     threads: ~                        # torch CPU threads per run (Ray: CPUs per task)
-    output_dir: ~                     # default saved/benchmarks/<name>
+    output_dir: ~                     # default saved/benchmarks/<name> (from the working
+                                      # directory); a relative path is relative to this file
     save_checkpoints: true
     hyper:                            # optional search before the runs (see hyper.py)
       models: [SASRec]
@@ -121,9 +122,13 @@ class BenchmarkSpec:
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             self._fail("threads", f"must be a positive integer or ~, got {threads!r}")
         self.threads = threads
-        out = raw.get("output_dir") or os.path.join("saved", "benchmarks", self.name)
-        if not isinstance(out, str):
+        out = raw.get("output_dir")
+        if out is None:
+            out = os.path.join("saved", "benchmarks", self.name)
+        elif not isinstance(out, str) or not out:
             self._fail("output_dir", f"must be a path, got {out!r}")
+        elif not os.path.isabs(out):
+            out = os.path.join(self.base_dir, out)  # like config_files: relative to this file
         self.output_dir = os.path.abspath(out)
         save = raw.get("save_checkpoints", True)
         if not isinstance(save, bool):

@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbole_cdsr.model.layers import CausalSeqEncoder
+from recbole_cdsr.model.layers import CausalSeqEncoder, plan_length_buckets
 from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_file
 
 logger = logging.getLogger(__name__)
 
-PRETRAIN_FORMAT_VERSION = 4  # 2: vectorised negatives; 3: FastDropout; 4: padding columns dropped (random streams differ); F.gelu is the same function
+PRETRAIN_FORMAT_VERSION = 5  # 2: vectorised negatives; 3: FastDropout; 4: padding columns dropped (random streams differ); F.gelu is the same function; 5: length buckets, fused Adam (random streams differ)
 
 DEFAULTS = {
     "hidden_size": 64,
@@ -48,6 +48,8 @@ DEFAULTS = {
     "tau": 1.0,
     "seed": 2020,
 }
+LENGTH_BUCKETS = 3  # rows of a batch run in up to this many groups of similar length (exact, see losses)
+BUCKET_OVERHEAD = 512  # positions: the fixed cost of one more encoder pass
 
 
 def domain_sequences(train_seqs, item_domain, item_index, domain):
@@ -81,19 +83,35 @@ class CollabTextPretrainer(nn.Module):
         self.tau = hp["tau"]
         self.w = hp["infonce_weight"]
 
-    def losses(self, inp, pos, neg, text):
-        n = max(int((inp > 0).sum(1).max()), 1)  # left-aligned: later columns are all padding
-        inp, pos, neg = inp[:, :n], pos[:, :n], neg[:, :n]
-        h = self.enc(inp)  # [B, n, H]
+    def losses(self, inp, pos, neg, text, buckets=LENGTH_BUCKETS):
+        """``(bce, infonce)`` of a batch of left-aligned rows ``inp``/``pos``/``neg`` [B, L].
+
+        The rows run in up to ``buckets`` groups of similar length, each trimmed to its own
+        longest row (:func:`plan_length_buckets`): rows never interact in the causal encoder,
+        so the losses are those of the whole batch (a Kitchen batch holds 7 real inputs per
+        row on average and up to 50). One embedding lookup serves every group."""
+        lens = (inp > 0).sum(1)
+        if buckets > 1:
+            groups = plan_length_buckets(lens, buckets, BUCKET_OVERHEAD)
+        else:
+            groups = [(None, max(int(lens.max()), 1))]
         emb = self.enc.item_embedding
-        mask = (pos > 0).float()
-        ps = (h * emb(pos)).sum(-1)
-        ns = (h * emb(neg)).sum(-1)
-        bce = (
-            F.binary_cross_entropy_with_logits(ps, torch.ones_like(ps), reduction="none")
-            + F.binary_cross_entropy_with_logits(ns, torch.zeros_like(ns), reduction="none")
-        )
-        bce = (bce * mask).sum() / mask.sum().clamp(min=1)
+        parts = []
+        for rows, L in groups:
+            pick = (lambda x: x[:, :L]) if rows is None else (lambda x: x[rows, :L])
+            parts.append(torch.cat([pick(inp), pick(pos), pick(neg)], dim=1))
+        looked_all = emb(torch.cat([x.reshape(-1) for x in parts]))
+        total, count = 0.0, 0.0
+        for (rows, L), ids, looked in zip(groups, parts, looked_all.split([x.numel() for x in parts])):
+            looked = looked.view(*ids.shape, -1)
+            h = self.enc(ids[:, :L], item_emb=looked[:, :L])  # [b, L, H]
+            ps = (h * looked[:, L : 2 * L]).sum(-1)
+            ns = (h * looked[:, 2 * L :]).sum(-1)
+            mask = (ids[:, L : 2 * L] > 0).float()
+            bce = F.softplus(-ps) + F.softplus(ns)  # = BCE with logits for labels 1 and 0
+            total = total + (bce * mask).sum()
+            count = count + mask.sum()
+        bce = total / torch.as_tensor(count).clamp(min=1)
         items = torch.unique(torch.cat([inp[inp > 0], pos[pos > 0]]))
         a = F.normalize(self.proj(text[items]), dim=-1)
         b = F.normalize(emb(items), dim=-1)
@@ -104,21 +122,28 @@ class CollabTextPretrainer(nn.Module):
 
     @torch.no_grad()
     def hit_at_10(self, hist, target, chunk=1024):
-        """Validation HR@10 by full ranking over the domain (pessimistic ties), in chunks of
-        ``chunk`` sequences (a whole domain at once would hold |users| x |items| scores)."""
+        """Validation HR@10 by full ranking over the domain (pessimistic ties:
+        ``rank = 1 + #{c != target, c != padding : score(c) >= score(target)}``; a NaN target
+        score ranks last). Rows go by length, in chunks of ``chunk`` sequences (a whole
+        domain at once would hold |users| x |items| scores), each chunk trimmed to its longest
+        row (left-aligned rows, causal encoder: the same last states)."""
         self.eval()
         hits = 0
         table = self.enc.item_embedding.weight.t()
+        lens = (hist > 0).sum(1)
+        order = torch.argsort(lens, stable=True)
         for i in range(0, len(hist), chunk):
-            hb, tb = hist[i : i + chunk], target[i : i + chunk]
+            sel = order[i : i + chunk]
+            n = max(int(lens[sel].max()), 1)
+            hb, tb = hist[sel, :n], target[sel]
             h = self.enc(hb)
-            last = (hb > 0).sum(1) - 1
             rows = torch.arange(len(hb), device=hb.device)
-            scores = h[rows, last] @ table
-            scores[:, 0] = float("-inf")
+            scores = h[rows, (hb > 0).sum(1) - 1] @ table  # [b, n_items + 1], column 0 padding
             t = scores.gather(1, tb.view(-1, 1))
-            scores[rows, tb] = float("-inf")
-            hits += int(((1 + (scores >= t).sum(1)) <= 10).sum())
+            # every column with score >= t, less the target itself and the padding column
+            rank = (scores >= t).sum(1) - (scores[:, 0:1] >= t).squeeze(1).long()
+            rank = torch.where(torch.isnan(t.squeeze(1)), torch.full_like(rank, scores.size(1)), rank)
+            hits += int((rank <= 10).sum())
         self.train()
         return hits / max(len(hist), 1)
 
@@ -141,7 +166,8 @@ def pretrain_domain(seqs, text, hp=None, device="cpu", log=None):
     full = _pad(train, hp["max_len"] + 1)
     inp, pos = full[:, :-1].clone(), full[:, 1:].clone()
     # a sequence that fits keeps its first item as input only (targets start at item 2)
-    opt = torch.optim.Adam(model.parameters(), lr=hp["learning_rate"])
+    # fused: one kernel over each weight (CPU and CUDA), 3 ms instead of ~20 for a Kitchen table
+    opt = torch.optim.Adam(model.parameters(), lr=hp["learning_rate"], fused=torch.device(device).type in ("cpu", "cuda"))
     best, best_state, best_epoch, stale, times = -1.0, None, -1, 0, []
     whole = np.zeros((len(train), max(len(s) for s in train)), dtype=np.int64)  # every item of each sequence
     for i, s_ in enumerate(train):
