@@ -3,6 +3,8 @@ hyper-parameter search on validation only, time budgets."""
 
 import csv
 import json
+import os
+import signal
 import statistics
 
 import numpy as np
@@ -11,7 +13,9 @@ import yaml
 
 from dataset_converters import write_synthetic_cdsr
 from recbole_cdsr.benchmark.leaderboard import METRICS
-from recbole_cdsr.benchmark.runner import ResultsStore, plan_runs, prepare_datasets, run_benchmark
+from recbole_cdsr.benchmark.runner import (
+    Progress, ResultsStore, execute_run, plan_runs, prepare_datasets, run_benchmark, run_local,
+)
 from recbole_cdsr.benchmark.spec import BenchmarkError, load_benchmark
 
 TINY = {  # small enough for seconds per run, big enough to learn something
@@ -123,6 +127,41 @@ def test_failing_model_is_recorded_and_the_others_finish(tmp_path, syn_data, cap
     # the failed run is tried again (and fails again), the finished one is not
     out = run_benchmark(spec)
     assert (out["skipped"], out["ran"], out["failed"]) == (1, 1, ["tiny-cdsr/SASRec-bad/seed1"])
+
+
+def kill_seed_2(run):
+    """A run whose process the OS kills (as the out-of-memory killer does) for seed 2."""
+    if run["seed"] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return execute_run(run)
+
+
+def test_a_run_killed_by_the_os_is_recorded_as_failed_and_the_others_finish(tmp_path, syn_data, capsys):
+    path = write_spec(tmp_path, syn_data, models=["GRU4Rec"], seeds=[1, 2, 3])
+    spec = load_benchmark(path)
+    runs = plan_runs(spec, prepare_datasets(spec))
+    store = ResultsStore(os.path.join(spec.output_dir, "results.jsonl"))
+    run_local(runs, store, Progress(3, 0), execute=kill_seed_2)  # each run in its own process
+    lines = {ln["run_key"]: ln for ln in store.read()}
+    assert [lines[f"tiny-cdsr/GRU4Rec/seed{s}"]["status"] for s in (1, 2, 3)] == ["ok", "failed", "ok"]
+    dead = lines["tiny-cdsr/GRU4Rec/seed2"]
+    assert dead["error"].startswith("RunProcessDied: the run's process ended without a result: "
+                                    "it was killed by signal 9 (SIGKILL)")
+    assert dead["wall_seconds"] > 0 and dead["config_hash"] == runs[1]["config_hash"]
+    assert "[2/3] tiny-cdsr/GRU4Rec/seed2: FAILED (RunProcessDied" in capsys.readouterr().out
+    # a child process gives the numbers of a run in this process
+    here = execute_run(runs[0])
+    assert here["test"] == lines["tiny-cdsr/GRU4Rec/seed1"]["test"]
+    assert here["test_instances"] == lines["tiny-cdsr/GRU4Rec/seed1"]["test_instances"]
+    # the next invocation runs exactly the killed run again
+    out = run_benchmark(path)
+    assert (out["skipped"], out["ran"], out["failed"]) == (2, 1, [])
+
+
+def test_isolate_runs_must_be_a_bool(tmp_path, syn_data):
+    with pytest.raises(BenchmarkError, match=r"key 'isolate_runs' must be true or false, got 'yes'"):
+        load_benchmark(write_spec(tmp_path, syn_data, isolate_runs="yes"))
+    assert load_benchmark(write_spec(tmp_path, syn_data)).isolate_runs is True
 
 
 def test_leaderboard_means_stds_and_paired_test_match_a_hand_computation(tmp_path, syn_data):
@@ -298,7 +337,7 @@ def test_hyper_search_never_ranks_test_and_feeds_the_benchmark(tmp_path, syn_dat
         return real_rank(self, model, loader, show_progress)
 
     monkeypatch.setattr(ProtocolEvaluator, "rank", spy)
-    spec = write_spec(tmp_path, syn_data, models=["GRU4Rec"], seeds=[1],
+    spec = write_spec(tmp_path, syn_data, models=["GRU4Rec"], seeds=[1], isolate_runs=False,  # the spy is here
                       hyper={"models": ["GRU4Rec"], "algo": "exhaustive", "budget": {"epochs": 2}})
     out = run_benchmark(spec)
     rec = json.load(open(tmp_path / "out" / "hyper" / "tiny-cdsr-GRU4Rec.json"))

@@ -2,7 +2,7 @@ import torch
 
 from recbole.model.layers import FeedForward
 
-from recbole_cdsr.model.layers import CausalSeqEncoder, FastDropout
+from recbole_cdsr.model.layers import CausalSeqEncoder, FastDropout, unique_padded
 
 
 def test_fast_dropout_keeps_the_distribution_and_is_identity_in_eval():
@@ -45,3 +45,15 @@ def test_fast_layers_on_recboles_encoder_keep_its_function():
     assert torch.allclose(enc(x, mask)[-1], fast(x, mask)[-1], atol=1e-5)
     relu = fast_layers(TransformerEncoder(n_layers=1, n_heads=1, hidden_size=8, inner_size=8, hidden_act="relu"))
     assert all(m.intermediate_act_fn is not torch.nn.functional.gelu for m in relu.modules() if isinstance(m, FeedForward))
+
+
+def test_unique_padded_by_hand():
+    ids = torch.tensor([[7, 3, 3, 0], [9, 7, 0, 0]])
+    values, inverse = unique_padded(ids, multiple=3)
+    assert values.tolist() == [0, 3, 7, 9, 0, 0]  # 4 distinct, padded with 0 to 6
+    assert inverse.tolist() == [[2, 1, 1, 0], [3, 2, 0, 0]]
+    assert torch.equal(values[inverse], ids)
+    values, inverse = unique_padded(ids, multiple=4)  # already a multiple: nothing added
+    assert values.tolist() == [0, 3, 7, 9] and torch.equal(values[inverse], ids)
+    values, _ = unique_padded(torch.tensor([5, 6]), multiple=5, fill=-1)
+    assert values.tolist() == [5, 6, -1, -1, -1]

@@ -153,6 +153,43 @@ def test_padding_does_not_change_scores(tmp_path, syn):
     assert torch.allclose(model.full_sort_predict(one)[0], base[3], atol=1e-5)
 
 
+def test_adapter_sees_padded_row_counts_and_padding_changes_nothing(tmp_path, syn):
+    """The distinct items of a batch are padded to a multiple of row_bucket before the text
+    adapter (a new shape per batch grows oneDNN's per-shape cache without bound on CPU);
+    the scores, the loss and its gradients are those of the unpadded rows."""
+    cfg, ds, (train, _, _), model, _ = setup(str(tmp_path), syn)
+    model.eval()
+    batch = next(iter(train))
+    neg = model.sample_negatives(batch["item_id"], cfg["n_neg"])
+    n_distinct = int(torch.unique(batch["item_id_list"]).numel())
+    seen = []
+    hook = model.item_adapter.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+
+    def run(bucket):
+        model.row_bucket = bucket
+        model.zero_grad()
+        loss = model.calculate_loss(batch, neg=neg)
+        loss.backward()
+        return loss.item(), full_sort(), {n: p.grad.clone() for n, p in model.item_adapter.named_parameters()}
+
+    def full_sort():
+        with torch.no_grad():
+            return model.full_sort_predict(batch)
+
+    loss1, s1, g1 = run(1)
+    assert seen == [n_distinct, n_distinct] and n_distinct % 64  # unpadded: a shape of its own
+    seen.clear()
+    loss64, s64, g64 = run(64)
+    assert seen == [-(-n_distinct // 64) * 64] * 2
+    hook.remove()
+    assert loss64 == pytest.approx(loss1, rel=1e-6)
+    assert torch.allclose(s64, s1, atol=1e-6)
+    for name in g1:
+        assert g1[name].abs().sum() > 0
+        assert torch.allclose(g64[name], g1[name], atol=1e-7), name
+    assert LeCDSR.row_bucket == 1024
+
+
 def test_positions_count_back_per_domain(tmp_path, syn):
     _, ds, _, model, _ = setup(str(tmp_path), syn)
     a = [i for i in range(1, ds.item_num) if ds.item_domain[i] == 0][:3]

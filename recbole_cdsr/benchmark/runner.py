@@ -11,7 +11,9 @@
    ``results.jsonl`` already holds as finished with the same hash;
 4. runs the rest, appending one line per run to ``results.jsonl`` as it ends (a run that
    raises is recorded as ``failed`` with its error, and the others go on; failed runs are
-   tried again by the next invocation);
+   tried again by the next invocation). Locally each run has a child process of its own
+   (``isolate_runs``, default true), so a run the OS kills, out of memory say, is recorded
+   as failed too, and no run inherits another's memory;
 5. writes the leaderboards (Markdown, CSV, PNG) from ``results.jsonl``.
 
 A line of ``results.jsonl`` is the run's results file (see ``quick_start``) plus
@@ -289,9 +291,69 @@ def _fmt_seconds(s):
 
 
 # -- executors -----------------------------------------------------------------------
-def run_local(pending, store, progress):
+def _child_main(execute, run, conn):
+    """Body of a run's child process: the results line goes back through ``conn``."""
+    try:
+        conn.send(execute(run))
+    finally:
+        conn.close()
+
+
+def _died_line(run, exitcode, seconds):
+    import signal
+
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "unknown signal"
+        how = f"it was killed by signal {-exitcode} ({name})"
+        if -exitcode == signal.SIGKILL:
+            how += "; the kernel's out-of-memory killer sends SIGKILL (see dmesg)"
+    else:
+        how = f"it exited with code {exitcode}"
+    err = RuntimeError(f"the run's process ended without a result: {how}")
+    line = failed_line(run, err)
+    line["error"] = f"RunProcessDied: {err}"
+    line["wall_seconds"] = seconds
+    line["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return line
+
+
+def execute_isolated(run, execute=None):
+    """Run ``execute(run)`` (default :func:`execute_run`) in a fresh child process (spawn);
+    return its results line, or a ``failed`` line when the process dies without one (killed
+    by the OS, a crash in native code). The child's memory goes back to the OS when it ends."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # not fork: a forked child inherits torch's thread pools
+    recv, send = ctx.Pipe(duplex=False)
+    t0 = time()
+    proc = ctx.Process(target=_child_main, args=(execute or execute_run, run, send), daemon=True)
+    proc.start()
+    send.close()  # the child holds the only writer: EOF once it is gone
+    line = None
+    try:
+        try:
+            line = recv.recv()
+        except EOFError:
+            pass
+        proc.join()
+    finally:
+        if proc.is_alive():  # interrupted (Ctrl-C): never leave a run behind
+            proc.terminate()
+            proc.join()
+        recv.close()
+    if line is None:
+        return _died_line(run, proc.exitcode, time() - t0)
+    return line
+
+
+def run_local(pending, store, progress, isolate=True, execute=None):
+    """One run after the other; each in a child process unless ``isolate`` is False."""
+    execute = execute or execute_run
     for run in pending:
-        line = execute_run(run)
+        line = execute_isolated(run, execute) if isolate else execute(run)
         store.append(line)
         progress.update(line)
 
@@ -341,7 +403,8 @@ def run_benchmark(spec, executor="local", ray_address=None, write_reports=True, 
 
     Args:
         spec: a path to a benchmark file or a :class:`BenchmarkSpec`.
-        executor: ``local`` (one run after the other, in this process) or ``ray``.
+        executor: ``local`` (one run after the other, each in a child process of its own
+            unless the file says ``isolate_runs: false``) or ``ray``.
         only: model names (of the file) to run now; the others are neither searched,
             calibrated nor run, and appear in the leaderboard only when their calibration
             (and search) is cached and their runs are recorded. Default: every model.
@@ -388,7 +451,7 @@ def run_benchmark(spec, executor="local", ray_address=None, write_reports=True, 
         if executor == "ray":
             run_ray(pending, store, progress, ray_address, spec.threads or 1)
         else:
-            run_local(pending, store, progress)
+            run_local(pending, store, progress, isolate=spec.isolate_runs)
     lines = store.read()
     failed = [r["run_key"] for r in runs
               if r["name"] in selected and (r["run_key"], r["config_hash"]) not in finished_keys(lines)]

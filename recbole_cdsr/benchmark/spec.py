@@ -20,6 +20,9 @@ A benchmark file is YAML::
     output_dir: ~                     # default saved/benchmarks/<name> (from the working
                                       # directory); a relative path is relative to this file
     save_checkpoints: true
+    isolate_runs: true                # local executor: each run in a fresh child process, so a
+                                      # run the OS kills (out of memory) is recorded as failed
+                                      # and every run starts with the memory of a new process
     hyper:                            # optional search before the runs (see hyper.py)
       models: [SASRec]
       algo: random                    # exhaustive | random | bayes (RecBole's HyperTuning)
@@ -47,7 +50,7 @@ from recbole_cdsr.config import CONFIG_SCHEMA, ConfigError, PROTOCOLS
 
 TOP_KEYS = {
     "name", "datasets", "models", "seeds", "protocols", "budget", "config", "config_files",
-    "overrides", "baselines", "threads", "output_dir", "save_checkpoints", "hyper",
+    "overrides", "baselines", "threads", "output_dir", "save_checkpoints", "hyper", "isolate_runs",
 }
 #: budget key -> config key (``minutes`` becomes ``max_train_steps`` through calibration)
 BUDGET_KEYS = {"epochs": "epochs", "steps": "max_train_steps", "steps_per_epoch": "steps_per_epoch",
@@ -134,6 +137,10 @@ class BenchmarkSpec:
         if not isinstance(save, bool):
             self._fail("save_checkpoints", f"must be true or false, got {save!r}")
         self.save_checkpoints = save
+        isolate = raw.get("isolate_runs", True)
+        if not isinstance(isolate, bool):
+            self._fail("isolate_runs", f"must be true or false, got {isolate!r}")
+        self.isolate_runs = isolate
         self.hyper = self._hyper(raw.get("hyper"), names)
         for key, value in self.config.items():
             self._check_key(f"config.{key}", key, value)

@@ -52,6 +52,25 @@ def fast_layers(module):
     return fuse_gelu(use_fast_dropout(module))
 
 
+def unique_padded(ids, multiple=1024, fill=0):
+    """``torch.unique(ids, return_inverse=True)`` with the sorted unique values padded with
+    ``fill`` to a length that is a multiple of ``multiple``: ``(values, inverse)`` with
+    ``values[inverse] == ids``.
+
+    A layer applied to the unique rows of every batch then sees one of a few shapes instead
+    of a new one per batch. On CPU, oneDNN keeps a primitive (with its buffers) per shape it
+    has run, up to 1024 of them, so a new shape per step grows the process without bound:
+    LeCDSR's text adapter on Food-Kitchen grew by ~150 MB per step and was OOM-killed at
+    22 GB; with this padding it stays flat (``benchmarks/lecdsr_memory.py``).
+    """
+    values, inverse = torch.unique(ids, return_inverse=True)
+    n = values.numel()
+    pad = -n % multiple
+    if pad:
+        values = torch.cat([values, values.new_full((pad,), fill)])
+    return values, inverse
+
+
 class CausalSeqEncoder(nn.Module):
     """SASRec's encoder (Kang and McAuley, ICDM 2018): item + position embeddings, a causal
     Transformer, layer norm and dropout. ``forward`` returns the hidden state at every

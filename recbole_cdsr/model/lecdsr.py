@@ -53,6 +53,8 @@ from torch import nn
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
+from recbole_cdsr.model.layers import unique_padded
+
 
 class TextAdapter(nn.Module):
     """Linear(d_in, inner) -> LayerNorm -> GELU -> Linear(inner, d_out)."""
@@ -90,6 +92,7 @@ def alignment_loss(x, y, mask, tau2):
 class LeCDSR(SequentialRecommender):
     input_type = InputType.POINTWISE
     TRAIN_VIEW = "prefix"
+    row_bucket = 1024  # distinct items of a batch are padded to a multiple of this (see forward)
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -194,8 +197,10 @@ class LeCDSR(SequentialRecommender):
         c = item_conv * torch.sigmoid(self.item_conv_gate(item_conv))
         T = None
         if self.use_item_text:
-            # the adapter runs once per distinct item of the batch (rows are independent)
-            uniq, inv = torch.unique(seq, return_inverse=True)
+            # the adapter runs once per distinct item of the batch (rows are independent), on a
+            # row count padded to a multiple of row_bucket so that oneDNN's per-shape cache
+            # stays small (see unique_padded)
+            uniq, inv = unique_padded(seq, self.row_bucket)
             T = self.item_adapter(self.item_text[uniq])[inv] * m
             fusion_conv = torch.fft.irfft(spec * torch.fft.rfft(T, dim=1, norm="ortho"), n=L, dim=1, norm="ortho")
             c = c + fusion_conv * torch.sigmoid(self.fusion_conv_gate(fusion_conv))
