@@ -1,3 +1,6 @@
+import math
+
+import pytest
 import torch
 
 from recbole.model.layers import FeedForward
@@ -57,3 +60,40 @@ def test_unique_padded_by_hand():
     assert values.tolist() == [0, 3, 7, 9] and torch.equal(values[inverse], ids)
     values, _ = unique_padded(torch.tensor([5, 6]), multiple=5, fill=-1)
     assert values.tolist() == [5, 6, -1, -1, -1]
+
+
+def test_bucketed_bce_equals_a_loop_over_positions_and_groups_change_nothing():
+    from recbole_cdsr.model.layers import bucketed_bce, plan_length_buckets
+
+    torch.manual_seed(0)
+    enc = CausalSeqEncoder(n_items=30, hidden_size=8, max_len=6, n_layers=1, n_heads=2, inner_size=16,
+                           dropout=0.0, attn_dropout=0.0)
+    enc.eval()
+    lens = torch.tensor([1, 6, 2, 2, 5, 3])
+    inputs = torch.zeros(6, 6, dtype=torch.long)
+    targets = torch.zeros_like(inputs)
+    for i, n in enumerate(lens.tolist()):
+        inputs[i, :n] = torch.randint(1, 30, (n,))
+        targets[i, :n] = torch.randint(1, 30, (n,))
+    neg = torch.randint(1, 30, inputs.shape)
+    mask = (targets > 0).float()
+    mask[1, 4] = 0.0  # a real target left out by the mask
+    extra = torch.randn(6, 6, 8)
+
+    total, count = bucketed_bce(enc, enc.item_embedding, inputs, targets, neg, mask, [(None, 6)], extra)
+    e = enc.item_embedding.weight
+    h = enc(inputs, item_emb=e[inputs] + extra).detach()
+    by_hand, n = 0.0, 0
+    for i in range(6):
+        for t in range(6):
+            if mask[i, t]:
+                p, q = float(h[i, t] @ e[targets[i, t]]), float(h[i, t] @ e[neg[i, t]])
+                by_hand += math.log1p(math.exp(-p)) + math.log1p(math.exp(q))
+                n += 1
+    assert n == int(lens.sum()) - 1 and float(count) == n
+    assert float(total) == pytest.approx(by_hand, rel=1e-5)
+
+    groups = plan_length_buckets(lens, max_buckets=3, overhead=0)
+    assert len(groups) > 1 and max(L for _, L in groups[:-1]) < 6  # rows really run trimmed
+    g_total, g_count = bucketed_bce(enc, enc.item_embedding, inputs, targets, neg, mask, groups, extra)
+    assert float(g_count) == n and float(g_total) == pytest.approx(float(total), rel=1e-5)

@@ -158,3 +158,38 @@ def plan_length_buckets(lengths, max_buckets=3, overhead=512):
     groups.reverse()
     dev = lengths.device
     return [(torch.as_tensor(rows.copy(), dtype=torch.long, device=dev), length) for rows, length in groups]
+
+
+def bucketed_bce(encoder, embedding, inputs, targets, neg, mask, groups, extra=None):
+    """Next-item BCE of a causal sequence encoder, summed over the masked positions, with
+    the rows run in length groups.
+
+    At each position t of each row: ``softplus(-h_t . e(targets_t)) + softplus(h_t . e(neg_t))``
+    (BCE with logits, label 1 for the target and 0 for the negative), where
+    ``h = encoder(ids, item_emb=e(inputs) [+ extra])`` and ``e = embedding``; positions count
+    with weight ``mask`` [B, L]. ``groups``: ``[(rows or None, length), ...]`` from
+    :func:`plan_length_buckets` (``[(None, L)]``: the whole batch); each group runs trimmed to
+    its own length, which for a causal encoder whose rows do not interact gives the loss of
+    the whole batch. One embedding lookup serves inputs, targets and negatives of every
+    group: one dense gradient of the table instead of one per group and kind.
+
+    Returns ``(total, count)``: the summed loss and the summed mask of the positions run.
+    """
+    parts = []
+    for rows, L in groups:
+        pick = (lambda x: x[:, :L]) if rows is None else (lambda x: x[rows, :L])
+        parts.append(torch.cat([pick(inputs), pick(targets), pick(neg)], dim=1))
+    looked_all = embedding(torch.cat([x.reshape(-1) for x in parts]))
+    total, count = 0.0, 0.0
+    for (rows, L), ids, looked in zip(groups, parts, looked_all.split([x.numel() for x in parts])):
+        looked = looked.view(*ids.shape, -1)
+        in_emb = looked[:, :L]
+        if extra is not None:
+            in_emb = in_emb + (extra[:, :L] if rows is None else extra[rows, :L])
+        h = encoder(ids[:, :L], item_emb=in_emb)
+        ps = (h * looked[:, L : 2 * L]).sum(-1)
+        ns = (h * looked[:, 2 * L :]).sum(-1)
+        m = mask[:, :L] if rows is None else mask[rows, :L]
+        total = total + ((F.softplus(-ps) + F.softplus(ns)) * m).sum()
+        count = count + m.sum()
+    return total, count

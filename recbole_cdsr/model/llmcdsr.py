@@ -33,7 +33,7 @@ from torch import nn
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
-from recbole_cdsr.model.layers import CausalSeqEncoder, plan_length_buckets
+from recbole_cdsr.model.layers import CausalSeqEncoder, bucketed_bce, plan_length_buckets
 
 MODES = ("full", "backbone_only", "random_recall", "no_meta")
 
@@ -145,25 +145,7 @@ class LLMCDSR(SequentialRecommender):
             groups = plan_length_buckets((inputs > 0).sum(1), self.length_buckets, self.bucket_overhead)
         else:
             groups = [(None, inputs.size(1))]
-        # one embedding lookup for inputs, targets and negatives of every group: one dense
-        # gradient of the table instead of one per group and kind
-        parts = []
-        for rows, L in groups:
-            pick = (lambda x: x[:, :L]) if rows is None else (lambda x: x[rows, :L])
-            parts.append(torch.cat([pick(inputs), pick(targets), pick(neg)], dim=1))
-        looked_all = net.item_embedding(torch.cat([x.reshape(-1) for x in parts]))
-        total = 0.0
-        for (rows, L), ids, looked in zip(groups, parts, looked_all.split([x.numel() for x in parts])):
-            looked = looked.view(*ids.shape, -1)
-            in_emb = looked[:, :L]
-            if extra is not None:
-                in_emb = in_emb + (extra[:, :L] if rows is None else extra[rows, :L])
-            h = net(ids[:, :L], item_emb=in_emb)
-            ps = (h * looked[:, L : 2 * L]).sum(-1)
-            ns = (h * looked[:, 2 * L :]).sum(-1)
-            m = mask[:, :L] if rows is None else mask[rows, :L]
-            loss = F.softplus(-ps) + F.softplus(ns)  # = BCE with logits for labels 1 and 0
-            total = total + (loss * m).sum()
+        total, _ = bucketed_bce(net, net.item_embedding, inputs, targets, neg, mask, groups, extra)
         loss = total / mask.sum().clamp(min=1)
         if return_items:
             return loss, torch.cat([inputs.reshape(-1), targets.reshape(-1), neg.reshape(-1)])

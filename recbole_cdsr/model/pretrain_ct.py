@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbole_cdsr.model.layers import CausalSeqEncoder, plan_length_buckets
+from recbole_cdsr.model.layers import CausalSeqEncoder, bucketed_bce, plan_length_buckets
 from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -96,21 +96,7 @@ class CollabTextPretrainer(nn.Module):
         else:
             groups = [(None, max(int(lens.max()), 1))]
         emb = self.enc.item_embedding
-        parts = []
-        for rows, L in groups:
-            pick = (lambda x: x[:, :L]) if rows is None else (lambda x: x[rows, :L])
-            parts.append(torch.cat([pick(inp), pick(pos), pick(neg)], dim=1))
-        looked_all = emb(torch.cat([x.reshape(-1) for x in parts]))
-        total, count = 0.0, 0.0
-        for (rows, L), ids, looked in zip(groups, parts, looked_all.split([x.numel() for x in parts])):
-            looked = looked.view(*ids.shape, -1)
-            h = self.enc(ids[:, :L], item_emb=looked[:, :L])  # [b, L, H]
-            ps = (h * looked[:, L : 2 * L]).sum(-1)
-            ns = (h * looked[:, 2 * L :]).sum(-1)
-            mask = (ids[:, L : 2 * L] > 0).float()
-            bce = F.softplus(-ps) + F.softplus(ns)  # = BCE with logits for labels 1 and 0
-            total = total + (bce * mask).sum()
-            count = count + mask.sum()
+        total, count = bucketed_bce(self.enc, emb, inp, pos, neg, (pos > 0).float(), groups)
         bce = total / torch.as_tensor(count).clamp(min=1)
         items = torch.unique(torch.cat([inp[inp > 0], pos[pos > 0]]))
         a = F.normalize(self.proj(text[items]), dim=-1)
