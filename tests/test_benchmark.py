@@ -164,6 +164,37 @@ def test_isolate_runs_must_be_a_bool(tmp_path, syn_data):
     assert load_benchmark(write_spec(tmp_path, syn_data)).isolate_runs is True
 
 
+def test_readme_markers_get_the_main_tables_of_the_leaderboard(tmp_path, syn_data):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Project\n\nintro\n\n<!-- leaderboard:tiny-cdsr:start -->\nold table\n"
+                      "<!-- leaderboard:tiny-cdsr:end -->\n\nafter\n")
+    path = write_spec(tmp_path, syn_data, models=["GRU4Rec"], seeds=[1], readme="README.md", isolate_runs=False)
+    out = run_benchmark(path)
+    text = readme.read_text()
+    assert text.startswith("# Project\n\nintro\n\n<!-- leaderboard:tiny-cdsr:start -->\n")
+    assert text.endswith("<!-- leaderboard:tiny-cdsr:end -->\n\nafter\n") and "old table" not in text
+    block = text.split("<!-- leaderboard:tiny-cdsr:start -->\n")[1].split("<!-- leaderboard:tiny-cdsr:end -->")[0]
+    md = (tmp_path / "out" / "leaderboard-tiny-cdsr.md").read_text()
+    rows = [ln for ln in block.splitlines() if ln.startswith("| GRU4Rec |")]
+    assert len(rows) == 2 and all(r in md for r in rows)  # the sampled and full main rows, as in the leaderboard
+    line = read_lines(out["results_file"])[0]
+    assert f"{line['test']['full']['A/hit@10']:.4f}" in rows[1].split(" | ")[1]
+    assert "Sampled protocol (target vs the same 20 sampled negatives of its domain), mean ± std over seeds 1;" in block
+    n = line["instances"]["test"]
+    assert n["A"] + n["B"] == 60 and f"test instances: A {n['A']}, B {n['B']}:" in block
+    assert "[leaderboard-tiny-cdsr.md](out/leaderboard-tiny-cdsr.md)" in block
+    before = readme.stat().st_mtime_ns
+    run_benchmark(path)  # nothing new: the file is not rewritten
+    assert readme.stat().st_mtime_ns == before and readme.read_text() == text
+
+    readme.write_text("no markers here\n")
+    with pytest.raises(BenchmarkError, match=r"README.md: no '<!-- leaderboard:tiny-cdsr:start -->' \.\.\. "
+                                             r"'<!-- leaderboard:tiny-cdsr:end -->' markers"):
+        run_benchmark(path)
+    with pytest.raises(BenchmarkError, match=r"key 'readme' .*nowhere.md does not exist"):
+        load_benchmark(write_spec(tmp_path, syn_data, readme="nowhere.md"))
+
+
 def test_leaderboard_means_stds_and_paired_test_match_a_hand_computation(tmp_path, syn_data):
     from scipy import stats
 
@@ -456,3 +487,41 @@ def test_committed_food_kitchen_benchmark_file():
     # results, calibration and leaderboard are committed beside the file
     here = os.path.dirname(os.path.abspath(path))
     assert spec.output_dir == os.path.join(here, "results", "food-kitchen")
+
+
+def test_readme_leaderboard_is_the_committed_run_of_the_committed_benchmark_file(fk_data):
+    """Every planned run of benchmarks/food-kitchen.yaml is finished in the committed
+    results.jsonl, from one code version, and the committed leaderboard and the README's
+    tables are what those lines give (recomputed here, nothing written)."""
+    import os
+
+    from recbole_cdsr.benchmark.leaderboard import (
+        code_versions, readme_block, readme_markers, select_lines, summarize, to_markdown,
+    )
+    from recbole_cdsr.benchmark.runner import calibrate_budgets
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "food-kitchen.yaml")
+    spec = load_benchmark(path)
+    spec.config["data_path"] = fk_data  # not part of the config hash
+    fps = prepare_datasets(spec)
+    steps = calibrate_budgets(spec, fps, measure=set())  # cached in calibration.json: nothing is timed
+    assert len(steps) == len(spec.models) == 15
+    runs = plan_runs(spec, fps, steps=steps)
+    lines = ResultsStore(os.path.join(spec.output_dir, "results.jsonl")).read()
+    found, missing = select_lines(runs, lines)
+    assert missing == {} and sum(len(v) for v in found["food-kitchen"].values()) == 45
+    by_name = found["food-kitchen"]
+    code = code_versions(by_name)
+    assert len(code) == 1
+    rows = summarize(spec, "food-kitchen", by_name)
+    base = os.path.join(spec.output_dir, "leaderboard-food-kitchen")
+    with open(base + ".md", encoding="utf-8") as f:
+        assert f.read() == to_markdown(spec, "food-kitchen", rows, missing.get("food-kitchen"), code)
+    assert spec.readme == os.path.abspath(os.path.join(os.path.dirname(path), os.pardir, "README.md"))
+    link = os.path.relpath(base + ".md", os.path.dirname(spec.readme)).replace(os.sep, "/")
+    assert link == "benchmarks/results/food-kitchen/leaderboard-food-kitchen.md"
+    start, end = readme_markers("food-kitchen")
+    with open(spec.readme, encoding="utf-8") as f:
+        readme = f.read()
+    block = readme.split(start + "\n", 1)[1].split(end, 1)[0]
+    assert block == readme_block(spec, "food-kitchen", rows, by_name, link)

@@ -157,19 +157,39 @@ def code_versions(by_name):
     return out
 
 
-def to_markdown(spec, dataset, rows, missing=None, code=None):
-    out = io.StringIO()
-    names = []
+PROTOCOL_TEXT = {
+    "sampled": "target vs the same sampled negatives of its domain",
+    "full": "target vs every item of its domain",
+}
+
+
+def _order(rows, field):
+    out = []
     for r in rows:
-        if r["model"] not in names:
-            names.append(r["model"])
-    domains = []
-    for r in rows:
-        if r["domain"] not in domains:
-            domains.append(r["domain"])
+        if r[field] not in out:
+            out.append(r[field])
+    return out
+
+
+def _table(rows, protocol, metrics, timing):
+    """One Markdown table of ``rows`` under ``protocol``: a line per model, a column per
+    domain and metric (with seconds per epoch and seeds when ``timing``)."""
+    names, domains = _order(rows, "model"), _order(rows, "domain")
     idx = {(r["protocol"], r["domain"], r["model"], r["metric"]): r for r in rows}
     seeds = {r["model"]: r["seeds"] for r in rows}
     spe = {r["model"]: r["sec_per_epoch"] for r in rows}
+    head = ["model"] + [f"{d} {LABEL[m]}" for d in domains for m in metrics] + (["s/epoch", "seeds"] if timing else [])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        cells = [n] + [_cell(idx[(protocol, d, n, m)]) for d in domains for m in metrics]
+        if timing:
+            cells += ["-" if math.isnan(spe[n]) else f"{spe[n]:.1f}", str(seeds[n])]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def to_markdown(spec, dataset, rows, missing=None, code=None):
+    out = io.StringIO()
     out.write(f"# Leaderboard: {dataset} (benchmark {spec.name})\n\n")
     out.write(
         f"Mean ± std over seeds {', '.join(map(str, spec.seeds))} (sample std). **Bold**: best mean "
@@ -177,21 +197,10 @@ def to_markdown(spec, dataset, rows, missing=None, code=None):
         f"test instances, p < {ALPHA}). Baselines: {', '.join(spec.baselines) or 'none'}.\n"
     )
     for protocol in spec.protocols:
-        what = "target vs the same sampled negatives of its domain" if protocol == "sampled" else \
-            "target vs every item of its domain"
-        out.write(f"\n## {protocol} protocol ({what})\n\n")
-        head = ["model"] + [f"{d} {LABEL[m]}" for d in domains for m in MAIN_METRICS] + ["s/epoch", "seeds"]
-        out.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
-        for n in names:
-            cells = [n] + [_cell(idx[(protocol, d, n, m)]) for d in domains for m in MAIN_METRICS]
-            cells += ["-" if math.isnan(spe[n]) else f"{spe[n]:.1f}", str(seeds[n])]
-            out.write("| " + " | ".join(cells) + " |\n")
+        out.write(f"\n## {protocol} protocol ({PROTOCOL_TEXT[protocol]})\n\n")
+        out.write(_table(rows, protocol, MAIN_METRICS, timing=True))
         out.write(f"\nMore cut-offs ({protocol}):\n\n")
-        head = ["model"] + [f"{d} {LABEL[m]}" for d in domains for m in DETAIL_METRICS]
-        out.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
-        for n in names:
-            cells = [n] + [_cell(idx[(protocol, d, n, m)]) for d in domains for m in DETAIL_METRICS]
-            out.write("| " + " | ".join(cells) + " |\n")
+        out.write(_table(rows, protocol, DETAIL_METRICS, timing=False))
     if missing:
         out.write("\nRuns without a finished result (failed or not run yet): "
                   + ", ".join(k for keys in missing.values() for k in keys) + "\n")
@@ -272,4 +281,63 @@ def write_leaderboards(spec, runs, lines, out_dir=None):
         atomic_write_bytes(base + ".csv", to_csv(rows).encode())
         plot_png(spec, ds, rows, base + ".png")
         reports[ds] = {"markdown": base + ".md", "csv": base + ".csv", "png": base + ".png", "rows": rows}
+        if spec.readme:
+            link = os.path.relpath(base + ".md", os.path.dirname(spec.readme)).replace(os.sep, "/")
+            update_readme(spec.readme, ds, readme_block(spec, ds, rows, by_name, link))
+            reports[ds]["readme"] = spec.readme
     return reports
+
+
+# -- the README's copy --------------------------------------------------------------------
+def readme_markers(dataset):
+    return f"<!-- leaderboard:{dataset}:start -->", f"<!-- leaderboard:{dataset}:end -->"
+
+
+def readme_block(spec, dataset, rows, by_name, markdown_link):
+    """The main tables (HR@10, NDCG@10 per domain, each protocol) with a caption each, for the
+    README; ``markdown_link``: the full leaderboard's path relative to the README."""
+    n_test = OrderedDict()
+    for lines in by_name.values():
+        for d, n in ((lines[0].get("instances") or {}).get("test") or {}).items():
+            n_test.setdefault(d, n)
+    negs = sorted({(ln.get("candidates") or {}).get("eval_neg_num") for lines in by_name.values() for ln in lines}
+                  - {None})
+    seeds = ", ".join(map(str, spec.seeds))
+    out = []
+    for protocol in spec.protocols:
+        what = PROTOCOL_TEXT[protocol]
+        if protocol == "sampled" and len(negs) == 1:
+            what = f"target vs the same {negs[0]} sampled negatives of its domain"
+        out.append(
+            f"{protocol.capitalize()} protocol ({what}), mean ± std over seeds {seeds}; **bold**: best mean of "
+            f"the column; †: differs from the column's best baseline (paired t-test over test instances, "
+            f"p < {ALPHA}); test instances: " + ", ".join(f"{d} {n}" for d, n in n_test.items()) + ":\n"
+        )
+        out.append(_table(rows, protocol, MAIN_METRICS, timing=True))
+    out.append(f"More cut-offs, failed or missing runs and code versions: [{os.path.basename(markdown_link)}]"
+               f"({markdown_link}).\n")
+    return "\n".join(out)
+
+
+def update_readme(path, dataset, block):
+    """Put ``block`` between the dataset's markers in the README at ``path`` (atomically;
+    the file is left alone when nothing changes). Returns whether it changed."""
+    from recbole_cdsr.benchmark.spec import BenchmarkError
+
+    start, end = readme_markers(dataset)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise BenchmarkError(f"readme {path}: cannot read it ({e.strerror}); fix the benchmark's readme key") from None
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        raise BenchmarkError(
+            f"readme {path}: no '{start}' ... '{end}' markers (in that order); put them, each on its own "
+            "line, where this leaderboard goes"
+        )
+    new = text[: i + len(start)] + "\n" + block + text[j:]
+    if new == text:
+        return False
+    atomic_write_bytes(path, new.encode("utf-8"))
+    return True

@@ -20,6 +20,9 @@ A benchmark file is YAML::
     output_dir: ~                     # default saved/benchmarks/<name> (from the working
                                       # directory); a relative path is relative to this file
     save_checkpoints: true
+    readme: ~                         # a Markdown file (relative to this file) whose
+                                      # <!-- leaderboard:<dataset>:start/end --> markers get
+                                      # the main tables after every invocation
     isolate_runs: true                # local executor: each run in a fresh child process, so a
                                       # run the OS kills (out of memory) is recorded as failed
                                       # and every run starts with the memory of a new process
@@ -51,6 +54,7 @@ from recbole_cdsr.config import CONFIG_SCHEMA, ConfigError, PROTOCOLS
 TOP_KEYS = {
     "name", "datasets", "models", "seeds", "protocols", "budget", "config", "config_files",
     "overrides", "baselines", "threads", "output_dir", "save_checkpoints", "hyper", "isolate_runs",
+    "readme",
 }
 #: budget key -> config key (``minutes`` becomes ``max_train_steps`` through calibration)
 BUDGET_KEYS = {"epochs": "epochs", "steps": "max_train_steps", "steps_per_epoch": "steps_per_epoch",
@@ -141,6 +145,14 @@ class BenchmarkSpec:
         if not isinstance(isolate, bool):
             self._fail("isolate_runs", f"must be true or false, got {isolate!r}")
         self.isolate_runs = isolate
+        readme = raw.get("readme")
+        if readme is not None:
+            if not isinstance(readme, str) or not readme:
+                self._fail("readme", f"must be a path to a Markdown file or ~, got {readme!r}")
+            readme = os.path.abspath(os.path.join(self.base_dir, readme))
+            if not os.path.isfile(readme):
+                self._fail("readme", f"{readme} does not exist")
+        self.readme = readme
         self.hyper = self._hyper(raw.get("hyper"), names)
         for key, value in self.config.items():
             self._check_key(f"config.{key}", key, value)
