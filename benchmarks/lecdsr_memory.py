@@ -1,6 +1,6 @@
 """Memory of LeCDSR training on CPU: the text adapter on padded vs unpadded unique rows.
 
-    python benchmarks/lecdsr_memory.py --data_path dataset [--steps 30] [--threads 1]
+    python benchmarks/lecdsr_memory.py --data_path dataset [--steps 30] [--threads 1] [--buckets 1,1024]
 
 LeCDSR runs its item text adapter once per distinct item of a batch. The number of distinct
 items changes with every batch, and on CPU oneDNN caches one primitive (with its buffers)
@@ -81,6 +81,7 @@ def main():
     ap.add_argument("--dataset", default="food-kitchen")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--buckets", default="1,1024", help="row_bucket values to run, comma-separated")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
@@ -88,8 +89,14 @@ def main():
     if args.steps < 4:
         sys.exit("--steps must be at least 4")
 
+    try:
+        buckets = [int(b) for b in args.buckets.split(",")]
+    except ValueError:
+        sys.exit(f"--buckets must be positive integers separated by commas, got {args.buckets!r}")
+    if not buckets or min(buckets) < 1:
+        sys.exit(f"--buckets must be positive integers separated by commas, got {args.buckets!r}")
     rows = {}
-    for bucket in (1, 1024):
+    for bucket in buckets:
         cmd = [sys.executable, __file__, "--data_path", args.data_path, "--dataset", args.dataset,
                "--steps", str(args.steps), "--threads", str(args.threads), "--child", str(bucket)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -104,8 +111,9 @@ def main():
         growth[bucket] = (rss[-1] - rss[h - 1]) * 1024 / (len(rss) - h)
         sec = sorted(t[1:])[len(t[1:]) // 2]  # median, first step excluded
         print(f"{bucket:>10} {rss[0]:>17.2f} {rss[-1]:>14.2f} {growth[bucket]:>19.1f} {sec:>7.3f}")
-    print(f"growth per step, unpadded / padded: {growth[1] / max(growth[1024], 1.0):.1f}x "
-          "(padded growth floored at 1 MB/step for the ratio)")
+    if 1 in growth and 1024 in growth:
+        print(f"growth per step, unpadded / padded: {growth[1] / max(growth[1024], 1.0):.1f}x "
+              "(padded growth floored at 1 MB/step for the ratio)")
 
 
 if __name__ == "__main__":
