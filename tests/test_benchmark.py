@@ -137,9 +137,11 @@ def kill_seed_2(run):
 
 
 def test_a_run_killed_by_the_os_is_recorded_as_failed_and_the_others_finish(tmp_path, syn_data, capsys):
-    path = write_spec(tmp_path, syn_data, models=["GRU4Rec"], seeds=[1, 2, 3])
+    # worker: 1 (RecBole's data loader processes): a run's process may start its own
+    path = write_spec(tmp_path, syn_data, models=["GRU4Rec"], seeds=[1, 2, 3], config=dict(TINY, data_path=syn_data, worker=1))
     spec = load_benchmark(path)
     runs = plan_runs(spec, prepare_datasets(spec))
+    assert runs[0]["config"]["worker"] == 1
     store = ResultsStore(os.path.join(spec.output_dir, "results.jsonl"))
     run_local(runs, store, Progress(3, 0), execute=kill_seed_2)  # each run in its own process
     lines = {ln["run_key"]: ln for ln in store.read()}

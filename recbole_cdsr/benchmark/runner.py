@@ -293,6 +293,12 @@ def _fmt_seconds(s):
 # -- executors -----------------------------------------------------------------------
 def _child_main(execute, run, conn):
     """Body of a run's child process: the results line goes back through ``conn``."""
+    import multiprocessing as mp
+
+    # a spawned process makes spawn its default, so the run's own processes (RecBole's
+    # ``worker`` data loaders) would be spawned too, which fails on sharing its tensors:
+    # give them the platform's default, as in a run in the main process
+    mp.set_start_method(None, force=True)
     try:
         conn.send(execute(run))
     finally:
@@ -329,7 +335,8 @@ def execute_isolated(run, execute=None):
     ctx = mp.get_context("spawn")  # not fork: a forked child inherits torch's thread pools
     recv, send = ctx.Pipe(duplex=False)
     t0 = time()
-    proc = ctx.Process(target=_child_main, args=(execute or execute_run, run, send), daemon=True)
+    # not a daemon: a run may start processes of its own (RecBole's ``worker`` data loaders)
+    proc = ctx.Process(target=_child_main, args=(execute or execute_run, run, send))
     proc.start()
     send.close()  # the child holds the only writer: EOF once it is gone
     line = None
