@@ -55,6 +55,7 @@ CONFIG_SCHEMA = {
     "eval_batch_size": (_INT, None),
     "learning_rate": (_NUM, None),
     "stopping_step": (_INT, None),
+    "freeze_stopped_domains": (_BOOL, None),
     "eval_step": (_INT, None),
     "seed": (_INT, None),
     "use_gpu": (_BOOL, None),

@@ -49,38 +49,63 @@ def _backend(config, encoder=None, overlapped=None, title_vectors=None, gen=None
     raise ValueError(f"generator must be one of {', '.join(GENERATORS)}, got {gen!r}")
 
 
-def _import_pseudo(config, dataset_dir, name, users):
-    """Pseudo items from the paper's released ``<dataset>_generation_jina.pkl``."""
-    from recbole_cdsr.llm.import_release import read_generation_embeddings
+def _import_pseudo(config, dataset_dir, name, users, encoder):
+    """Pseudo items from the paper's released ``<dataset>_generation_jina.pkl``.
+
+    Entries are (domain 0/1, the user's 1-based line in ``train_A.txt``/``train_B.txt``,
+    vectors [L, d]): the single-domain A user of line 5 is the token ``A_5``. Entries of users
+    the dataset lacks (a slice) are skipped, and so are users with 2 or fewer vectors (the
+    public code never writes them). The vectors must have the width of ``text_encoder``,
+    whose item vectors stage 2 maps into the collaborative spaces; this is checked here,
+    before any embedding or training. Returns (npz path, record)."""
+    from recbole_cdsr.llm.import_release import (ReleaseImportError, generation_width, read_generation_embeddings,
+                                                 user_token)
 
     path = config["import_path"]
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"generator: import needs import_path (the released generation pickle), got {path!r}")
     gens = read_generation_embeddings(path)
-    ident = {"generator": "import", "source_sha256": sha256_file(path)}
+    width = generation_width(gens)
+    if width is not None and width != encoder.dim:
+        raise ReleaseImportError(
+            f"generator: import: {path} holds {width}-d vectors, but text_encoder {config['text_encoder']!r} gives "
+            f"{encoder.dim}-d vectors. Stage 2 learns its text-to-item mapping on item titles embedded with "
+            f"text_encoder and applies it to these vectors, so both must come from the same model: set "
+            f"text_encoder to the encoder that wrote the file (the paper's release: a {width}-d jina embedding "
+            f"model, e.g. a local folder of jina-embeddings-v2-base-en)."
+        )
+    in_data = [(k, arr) for k, arr in sorted(gens.items()) if user_token(*k) in users]
+    if gens and not in_data:
+        first = user_token(*next(iter(sorted(gens))))
+        raise ReleaseImportError(
+            f"generator: import: none of the {len(gens)} users of {path} (tokens such as {first}) is a training "
+            f"user of {name}; is it the release file of this dataset?"
+        )
+    kept = [(k, arr) for k, arr in in_data if len(arr) > 2]
+    tokens = [user_token(*k) for k, _ in kept]
+    ident = {"generator": "import", "format_version": 2, "source_sha256": sha256_file(path),
+             "users_sha256": hashlib.sha256("\n".join(tokens).encode()).hexdigest()}
+    record = {**ident, "users_in_file": len(gens), "users_not_in_dataset": len(gens) - len(in_data),
+              "users_with_2_or_fewer": len(in_data) - len(kept), "users_imported": len(kept), "dim": width}
     tag = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     out = os.path.join(dataset_dir, f"{name}.pseudo-{tag}.npz")
     if os.path.isfile(out):
-        return out, ident
-    # release user ids restart per domain file: single-A user 5 is token A_5
-    u_tok, doms, offsets, index, rows = [], [], [0], [], []
-    for (dom, uid), arr in sorted(gens.items()):
-        tok = f"{dom}_{uid}"
-        if tok not in users or len(arr) <= 2:
-            continue
-        u_tok.append(tok)
+        return out, record
+    doms, offsets, index, rows = [], [0], [], []
+    for (dom, _), arr in kept:
         doms.append(dom)
         index.extend(range(len(rows), len(rows) + len(arr)))
         rows.extend(arr)
         offsets.append(len(index))
     buf = io.BytesIO()
-    emb = np.asarray(rows, dtype=np.float32)
-    np.savez(buf, users=np.asarray(u_tok, dtype=str), domains=np.asarray(doms, dtype=str),
+    emb = np.asarray(rows, dtype=np.float32).reshape(len(rows), width or encoder.dim)
+    np.savez(buf, users=np.asarray(tokens, dtype=str), domains=np.asarray(doms, dtype=str),
              offsets=np.asarray(offsets, dtype=np.int64), index=np.asarray(index, dtype=np.int32),
              names=np.asarray([""] * len(rows), dtype=str), emb=emb)
     atomic_write_bytes(out, buf.getvalue())
-    atomic_write_json(out[:-4] + ".json", {"identity": ident, "users": len(u_tok), "npz_sha256": sha256_file(out)})
-    return out, ident
+    atomic_write_json(out[:-4] + ".json", {"identity": ident, "users": len(tokens), "dim": int(emb.shape[1]),
+                                           "npz_sha256": sha256_file(out)})
+    return out, record
 
 
 def prepare_llmcdsr(config):
@@ -89,7 +114,7 @@ def prepare_llmcdsr(config):
     from recbole_cdsr.llm.encoders import TextEncoder, item_text_embeddings, read_item_titles
     from recbole_cdsr.llm.generation import GenerationJob
     from recbole_cdsr.llm.retrieval import CachedEncoder
-    from recbole_cdsr.llm.stage1 import read_training_sequences, stage1_requests
+    from recbole_cdsr.llm.stage1 import read_training_sequences, stage1_backend, stage1_requests
     from recbole_cdsr.model.pretrain_ct import pretrain_dataset
 
     if config["llmcdsr_mode"] == "backbone_only":
@@ -101,16 +126,16 @@ def prepare_llmcdsr(config):
     encoder = TextEncoder(config["text_encoder"], device=dev)
     items = read_item_titles(os.path.join(d, f"{name}.item"))  # each input file is read once
     sequences = read_training_sequences(d, name)
+    gen = config["generator"]
+    if gen == "import":  # first: a file of another width fails before anything is embedded or trained
+        pseudo, import_record = _import_pseudo(config, d, name, set(sequences), encoder)
     tokens, domains, emb = item_text_embeddings(d, name, encoder, items=items)
     titles = items[2]
     known = {t: v for t, v in zip(titles, emb)}
     record = {"generator": config["generator"], "text_encoder": encoder.identity()}
 
-    gen = config["generator"]
     if gen == "import":
-        users = set(sequences)
-        pseudo, ident = _import_pseudo(config, d, name, users)
-        record["stage1"] = ident
+        record["stage1"] = import_record
     else:
         if gen == "retrieval":
             logger.warning(
@@ -120,8 +145,9 @@ def prepare_llmcdsr(config):
             )
         reqs, overlapped = stage1_requests(d, name, config["shot"], config["generation_seed"],
                                            with_prompts=gen != "retrieval", items=items, sequences=sequences)
-        backend = _backend(config, encoder, overlapped, known)
-        job = GenerationJob(d, name, backend, parser=config["llm_parser"],
+        backend = stage1_backend(config, encoder, overlapped, known)
+        job = GenerationJob(d, name, backend, parser=config["llm_parser"] or "auto",
+                            name_pattern=config["name_pattern"] or "lines",
                             settings={"shot": config["shot"], "seed": config["generation_seed"]},
                             batch_size=config["llm_batch_size"] if gen != "openai" else 4 * config["llm_concurrency"],
                             show_progress=config["show_progress"])
@@ -136,14 +162,7 @@ def prepare_llmcdsr(config):
         record["stage1"] = {"manifest": gen_manifest, "failed_users": failed,
                             "note": "NOT an LLM: retrieval stand-in" if gen == "retrieval" else "LLM generation"}
     seqs = list(sequences.values())
-    hp = {
-        "hidden_size": config["hidden_size"], "n_layers": config["n_layers"], "n_heads": config["n_heads"],
-        "inner_size": config["inner_size"], "dropout": config["hidden_dropout_prob"],
-        "max_len": config["MAX_ITEM_LIST_LENGTH"], "epochs": config["pretrain_epochs"],
-        "patience": config["pretrain_patience"], "batch_size": config["pretrain_batch_size"],
-        "infonce_weight": config["infonce_weight"], "tau": config["infonce_tau"],
-        "seed": config["seed"] if config["pretrain_seed"] is None else config["pretrain_seed"],
-    }
+    hp = pretrain_hyper_parameters(config)
     out = pretrain_dataset(d, name, encoder, seqs, tokens, domains, emb, hp=hp, device=dev,
                            log=lambda m: logger.info(m))
     tables = {dom: v["path"] for dom, v in out.items()}
@@ -193,3 +212,16 @@ def prepare_lecdsr(config):
         updates["user_profiles"] = path
         record["profiles"] = {k: v for k, v in rec.items() if k != "encoder"}
     return updates, record
+
+
+def pretrain_hyper_parameters(config):
+    """Stage 2's hyper-parameters from a run's config (they name its cached files)."""
+    return {
+        "backbone": config["backbone"], "adam_betas": [float(b) for b in config["adam_betas"]],
+        "hidden_size": config["hidden_size"], "n_layers": config["n_layers"], "n_heads": config["n_heads"],
+        "inner_size": config["inner_size"], "dropout": config["hidden_dropout_prob"],
+        "max_len": config["MAX_ITEM_LIST_LENGTH"], "epochs": config["pretrain_epochs"],
+        "patience": config["pretrain_patience"], "batch_size": config["pretrain_batch_size"],
+        "infonce_weight": config["infonce_weight"], "tau": config["infonce_tau"],
+        "seed": config["seed"] if config["pretrain_seed"] is None else config["pretrain_seed"],
+    }

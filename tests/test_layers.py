@@ -97,3 +97,130 @@ def test_bucketed_bce_equals_a_loop_over_positions_and_groups_change_nothing():
     assert len(groups) > 1 and max(L for _, L in groups[:-1]) < 6  # rows really run trimmed
     g_total, g_count = bucketed_bce(enc, enc.item_embedding, inputs, targets, neg, mask, groups, extra)
     assert float(g_count) == n and g_total.item() == pytest.approx(total.item(), rel=1e-5)
+
+
+class _PublicLog2Feats(torch.nn.Module):
+    """A minimal re-statement of the public LLMCDSR code's ``SASRec.log2feats`` (right-aligned
+    rows, ``torch.nn.MultiheadAttention`` with a causal mask and no key-padding mask, positions
+    over the padded window), sharing the weights of a PublicSASRecEncoder."""
+
+    def __init__(self, enc, dropout):
+        super().__init__()
+        self.enc = enc
+        self.mha = torch.nn.ModuleList()
+        for a in enc.attention_layers:
+            H = a.in_proj_weight.shape[1]
+            m = torch.nn.MultiheadAttention(H, a.h, dropout)
+            with torch.no_grad():
+                m.in_proj_weight.copy_(a.in_proj_weight)
+                m.in_proj_bias.copy_(a.in_proj_bias)
+                m.out_proj.weight.copy_(a.out_proj.weight)
+                m.out_proj.bias.copy_(a.out_proj.bias)
+            self.mha.append(m)
+
+    def forward(self, log_seqs):
+        e = self.enc
+        seqs = e.item_embedding(log_seqs) * e.item_embedding.embedding_dim**0.5
+        seqs = seqs + e.position_embedding(torch.arange(log_seqs.shape[1]).expand_as(log_seqs))
+        timeline = log_seqs == 0
+        seqs = seqs * ~timeline.unsqueeze(-1)
+        tl = seqs.shape[1]
+        causal = ~torch.tril(torch.ones(tl, tl, dtype=torch.bool))
+        for i, m in enumerate(self.mha):
+            seqs = seqs.transpose(0, 1)
+            q = e.attention_layernorms[i](seqs)
+            out, _ = m(q, seqs, seqs, attn_mask=causal)
+            seqs = (q + out).transpose(0, 1)
+            seqs = e.forward_layernorms[i](seqs)
+            f = e.forward_layers[i]
+            seqs = f.conv2(torch.relu(f.conv1(seqs))) + seqs
+            seqs = seqs * ~timeline.unsqueeze(-1)
+        return e.last_layernorm(seqs)
+
+
+def _public_pair(H=16, L=8, heads=2, seed=0):
+    from recbole_cdsr.model.layers import PublicSASRecEncoder
+
+    torch.manual_seed(seed)
+    enc = PublicSASRecEncoder(30, H, L, n_layers=2, n_heads=heads, dropout=0.5)
+    with torch.no_grad():  # non-zero biases: the padded slots' keys and values matter
+        for a in enc.attention_layers:
+            a.in_proj_bias.normal_()
+    return enc, _PublicLog2Feats(enc, 0.5)
+
+
+def test_public_backbone_equals_the_public_log2feats_on_left_aligned_rows():
+    L = 8
+    enc, ref = _public_pair(L=L)
+    enc.eval(), ref.eval()
+    lens = [1, 3, 8, 5, 2]
+    left = torch.zeros(len(lens), L, dtype=torch.long)
+    right = torch.zeros(len(lens), L, dtype=torch.long)
+    for b, n in enumerate(lens):
+        items = torch.randint(1, 30, (n,))
+        left[b, :n], right[b, L - n:] = items, items
+    ours, public = enc(left), ref(right)
+    for b, n in enumerate(lens):
+        assert torch.allclose(ours[b, :n], public[b, L - n:], atol=1e-5), n
+    # the same rows cut to 5 columns (length buckets): the same outputs, positions and padding
+    # enter only through each row's length
+    short = [b for b, n in enumerate(lens) if n <= 5]
+    cut = enc(left[short, :5])
+    for i, b in enumerate(short):
+        assert torch.allclose(cut[i, : lens[b]], ours[b, : lens[b]], atol=1e-6)
+    # positions count over the window: the last item has position L - 1 whatever the length,
+    # so an item seen alone gives the same output as the same item at the end of the window
+    one = enc(torch.tensor([[7, 0, 0]]))[0, 0]
+    moved = enc.position_embedding.weight.detach().clone()
+    with torch.no_grad():
+        enc.position_embedding.weight[: L - 1] = 0.0  # only position L - 1 left
+        assert torch.allclose(enc(torch.tensor([[7, 0, 0]]))[0, 0], one)
+        enc.position_embedding.weight.copy_(moved)
+    with pytest.raises(ValueError, match="exceed the backbone's window"):
+        enc(torch.ones(1, L + 1, dtype=torch.long))
+
+
+def test_public_backbone_attention_dropout_has_the_public_distribution():
+    """The padded slots, folded into one key, are dropped with a binomial count: mean and
+    spread of the outputs over many draws match MultiheadAttention's own dropout."""
+    L, H = 8, 8
+    enc, ref = _public_pair(H=H, L=L, heads=1, seed=3)
+    attn, mha = enc.attention_layers[0], ref.mha[0]
+    attn.train(), mha.train()
+    torch.manual_seed(1)
+    n = 2  # a short row: 6 padded slots that every query attends to
+    x_right = torch.zeros(1, L, H)
+    x_right[0, L - n:] = torch.randn(n, H)
+    q_right = torch.nn.functional.layer_norm(x_right, (H,))
+    causal = ~torch.tril(torch.ones(L, L, dtype=torch.bool))
+    draws = 12000  # one batch of identical rows: every row draws its own dropout
+    xs, qs = x_right.expand(draws, L, H), q_right.expand(draws, L, H)
+    with torch.no_grad():
+        ours = attn(qs[:, L - n:], xs[:, L - n:], torch.full((draws,), float(L - n)))
+        public = mha(qs.transpose(0, 1), xs.transpose(0, 1), xs.transpose(0, 1),
+                     attn_mask=causal)[0].transpose(0, 1)[:, L - n:]
+    assert torch.allclose(ours.mean(0), public.mean(0), atol=0.03)
+    assert torch.allclose(ours.std(0), public.std(0), rtol=0.05, atol=0.01)
+    attn.eval()  # dropout is unbiased: the mean is the output without dropout
+    with torch.no_grad():
+        plain = attn(q_right[:, L - n:], x_right[:, L - n:], torch.tensor([float(L - n)]))[0]
+    assert torch.allclose(ours.mean(0), plain, atol=0.02)
+    # the folded slot alone (dropping all six or none at once) would spread much wider
+    assert public.std(0).mean() > 0.05
+
+
+def test_public_backbone_initialisation_is_xavier_normal():
+    from recbole_cdsr.model.layers import PublicSASRecEncoder
+
+    torch.manual_seed(0)
+    enc = PublicSASRecEncoder(3001, 64, 50, n_layers=2, n_heads=1, dropout=0.5)
+    w = enc.item_embedding.weight
+    assert torch.equal(w[0], torch.zeros(64))  # padding row
+    assert abs(w[1:].std().item() - (2.0 / (3001 + 64)) ** 0.5) < 0.05 * (2.0 / (3001 + 64)) ** 0.5
+    a = enc.attention_layers[0]
+    assert abs(a.in_proj_weight.std().item() - (2.0 / (64 + 192)) ** 0.5) < 0.01
+    assert torch.equal(a.in_proj_bias, torch.zeros(192)) and torch.equal(a.out_proj.bias, torch.zeros(64))
+    f = enc.forward_layers[0]
+    assert abs(f.conv1.weight.std().item() - (1.0 / 64) ** 0.5) < 0.01
+    assert 0 < f.conv1.bias.abs().max().item() <= 1.0 / 8  # the convolution's uniform(+-1/sqrt(64)) bias
+    assert enc.last_layernorm.eps == 1e-8

@@ -344,3 +344,112 @@ def test_profile_embedding_resumes_from_its_saved_parts(tmp_path):
     table = encode_in_parts(second, texts, parts, part_size=5)
     assert [c[0] for c in second.calls] == [texts[5], texts[15], texts[20]]  # parts 2, 4, 5 only
     assert np.array_equal(table, Flaky().encode(texts)) and not os.path.exists(parts)
+
+
+# -- faithfulness to the public code: initialisation, selection, the no-profile ablation ---
+
+def _public_xavier_std(shape):
+    """xavier-normal std of a tensor of ``shape`` (torch's fans: dim 1 in, dim 0 out, times
+    the product of the remaining dims)."""
+    rf = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    return math.sqrt(2.0 / (shape[1] * rf + shape[0] * rf))
+
+
+def test_default_init_is_the_public_xavier_normal_on_trainable_weights_only(tmp_path, syn):
+    cfg, ds, _, model, up = setup(str(tmp_path), syn, hidden_size=64, adapter_inner_size=96)
+    L, d = cfg["MAX_ITEM_LIST_LENGTH"], 64
+    pooled = []
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue
+        # the public filter is [1, L//2+1, d, 2]; ours drops the leading 1 (same values)
+        shape = (1,) + tuple(p.shape) if name == "filter" else tuple(p.shape)
+        z = p.detach().flatten() / _public_xavier_std(shape)
+        if name in ("item_embedding.weight", "position_embedding.weight"):
+            assert p[0].abs().sum() == 0  # padding row: zero (masked everywhere anyway)
+            z = p.detach()[1:].flatten() / _public_xavier_std(shape)
+        if z.numel() >= 500:
+            assert abs(z.std().item() - 1) < 0.12 and abs(z.mean().item()) < 0.12, name
+        pooled.append(z)
+    pooled = torch.cat(pooled)
+    assert abs(pooled.std().item() - 1) < 0.03 and abs(pooled.mean().item()) < 0.03
+    # the checks that tell it from the public constructor's init (and from our old one)
+    assert model.filter.std().item() == pytest.approx(math.sqrt(2 / ((L // 2 + 1) * 2 * d + 2 * d)), rel=0.12)
+    n = ds.item_num
+    assert model.out_bias.weight.std().item() == pytest.approx(math.sqrt(2 / (n + 1)), rel=0.25)
+    assert model.feature_gate_item.weight.std().item() == pytest.approx(math.sqrt(2 / (2 * d)), rel=0.1)
+    # 1-D parameters keep their constructor values; the frozen tables are the cached vectors
+    assert torch.equal(model.item_adapter.net[1].weight, torch.ones(96))
+    assert torch.equal(model.item_adapter.net[1].bias, torch.zeros(96))
+    assert model.item_adapter.net[1].eps == 1e-5  # nn.LayerNorm's default, as the public adapters
+    items = expected_table(ds, up["item_text_table"], "item_tokens", ds.iid_field, ds.item_num)
+    users = expected_table(ds, up["user_profiles"], "users", ds.uid_field, ds.user_num)
+    assert torch.equal(model.item_text, items) and torch.equal(model.user_profiles, users)
+    assert cfg["lecdsr_init"] == "xavier" and model.init_scheme == "xavier"
+
+
+def test_normal_init_is_the_public_constructor_and_bad_names_fail(tmp_path, syn):
+    _, _, _, model, _ = setup(str(tmp_path), syn, hidden_size=64, adapter_inner_size=96, lecdsr_init="normal")
+    assert model.init_scheme == "normal"
+    for emb in (model.item_embedding, model.out_embedding):
+        assert emb.weight[1:].std().item() == pytest.approx(1 / 64, rel=0.05)
+    assert model.out_bias.weight.abs().sum() == 0
+    assert model.filter.std().item() == pytest.approx(0.02, rel=0.1)
+    _, _, _, model, _ = setup(str(tmp_path), syn, lecdsr_init="normal", embedding_init_std=0.1)
+    assert model.item_embedding.weight[1:].std().item() == pytest.approx(0.1, rel=0.1)
+    with pytest.raises(ValueError, match="lecdsr_init"):
+        setup(str(tmp_path), syn, lecdsr_init="kaiming")
+    with pytest.raises(ValueError, match="lecdsr_user_vector"):
+        setup(str(tmp_path), syn, lecdsr_use_profiles=False, lecdsr_user_vector="mean")
+
+
+def test_no_profile_ablation_uses_trainable_user_ids(tmp_path, syn):
+    cfg, ds, (train, _, test), model, _ = setup(str(tmp_path), syn, lecdsr_use_profiles=False)
+    # scores depend on who the user is: the same histories under other user ids
+    model.eval()
+    tb, _ = next(iter(test))
+    base = model.full_sort_predict(tb)
+    users = tb["user_id"].clone()
+    tb.interaction["user_id"] = users.roll(1)
+    moved = model.full_sort_predict(tb)
+    tb.interaction["user_id"] = users
+    assert (base - moved).abs().amax(dim=1).min() > 1e-4  # every row changed
+    # a trainable [user_num, d] table, initialised like the other weights (xavier-normal)
+    weights = dict(model.named_parameters())
+    assert "user_embedding.weight" in weights
+    w = weights["user_embedding.weight"]
+    assert w.shape == (ds.user_num, 16) and w.requires_grad
+    assert w.std().item() == pytest.approx(math.sqrt(2 / (ds.user_num + 16)), rel=0.1)
+    # the users of a training batch get a gradient, the others (held-out users among them) none
+    model.train()
+    batch = next(iter(train))
+    model.calculate_loss(batch).backward()
+    in_batch = torch.zeros(ds.user_num, dtype=torch.bool)
+    in_batch[batch["user_id"]] = True
+    assert (w.grad[in_batch].norm(dim=1) > 0).all() and w.grad[~in_batch].abs().sum() == 0
+    assert model.user_vector == "id"
+    # with one user's vector set to zero, that user's scores equal the zero-vector option's
+    _, _, _, zero_model, _ = setup(str(tmp_path), syn, lecdsr_use_profiles=False, lecdsr_user_vector="zero")
+    assert zero_model.user_vector == "zero" and not hasattr(zero_model, "user_embedding")
+    zero_model.load_state_dict({k: v for k, v in model.state_dict().items() if k != "user_embedding.weight"})
+    zero_model.eval()
+    with torch.no_grad():
+        model.user_embedding.weight[tb["user_id"]] = 0.0
+    assert torch.allclose(model.full_sort_predict(tb), zero_model.full_sort_predict(tb), atol=1e-6)
+
+
+def test_model_selection_is_validation_mrr_at_10_over_999_sampled_negatives(tmp_path, syn):
+    from recbole_cdsr.evaluation.protocol import metrics_from_ranks
+    from recbole_cdsr.trainer.trainer import CDSRTrainer
+
+    cfg = CDSRConfig("LeCDSR", "tiny-cdsr", config_dict=base_config(str(tmp_path), data_path=syn))
+    assert cfg["valid_metric"] == "mrr@10" and cfg["model_selection"] == "per_domain"
+    assert cfg["freeze_stopped_domains"] is False  # public: both domains' bests update until the last epoch
+    assert cfg["eval_protocol"][0] == "sampled" and cfg["eval_neg_num"] == 999  # public: target + 999 negatives
+    cfg2, ds, _, model, _ = setup(str(tmp_path), syn)
+    trainer = CDSRTrainer(cfg2, model)
+    trainer.domain_names = list(ds.domain_names)
+    assert trainer.selection_keys() == {dom: f"{dom}/mrr@10" for dom in ds.domain_names}
+    # mrr@10 is the public MRR: 1/rank when the target is among the 10 best candidates, else 0
+    ranks = torch.tensor([1, 3, 10, 11, 500])
+    assert metrics_from_ranks(ranks, ["MRR"], [10])["mrr@10"] == pytest.approx((1 + 1 / 3 + 1 / 10) / 5)

@@ -72,7 +72,7 @@ def _setup(tmp, slice_data, side_info, **kw):
 def test_sequence_view_and_side_information_loaded(tmp_path, slice_data, side_info):
     cfg, ds, (train, _, _), model = _setup(str(tmp_path), slice_data, side_info)
     assert ds.train_view == "sequence" and len(train.dataset) == 399  # one row per training user
-    assert ds.pseudo_items["index"].shape[1] == 20 and (ds.pseudo_items["count"] > 0).sum() == side_info_expected["users_with_pseudo"] > 200
+    assert ds.pseudo_items["index"].shape[1] == 6 and (ds.pseudo_items["count"] > 0).sum() == side_info_expected["users_with_pseudo"] > 200
     assert set(ds.recall_tables) == {"A", "B"} and ds.recall_tables["A"]["proj"].shape == (64, 12)
 
 
@@ -161,14 +161,16 @@ def test_one_command_runs_all_stages_and_caches_them(tmp_path, slice_data, capsy
     assert stamps == {f: os.path.getmtime(data / "fk-slice" / f) for f in stamps}
 
 
-@pytest.mark.parametrize("inner", ["adam", "sgd"])
-def test_split_meta_gradient_equals_the_full_second_order_one(tmp_path, slice_data, side_info, inner):
+@pytest.mark.parametrize("inner,aug_input_grad", [("adam", False), ("sgd", False), ("adam_fresh", False),
+                                                  ("adam", True)])
+def test_split_meta_gradient_equals_the_full_second_order_one(tmp_path, slice_data, side_info, inner,
+                                                              aug_input_grad):
     import higher
 
     # a large inner step, so that every row the meta loss reads visibly moves (a row left
     # stale, or a missing second-order path, changes the meta loss and its gradient)
     cfg, ds, (train, _, _), model = _setup(str(tmp_path), slice_data, side_info, meta_inner_optimizer=inner,
-                                           meta_inner_lr=0.05)
+                                           meta_inner_lr=0.05, meta_inner_aug_input_grad=aug_input_grad)
     trainer = LLMCDSRTrainer(cfg, model)
     trainer._make_loaders(train)
     loader = iter(train)
@@ -179,11 +181,26 @@ def test_split_meta_gradient_equals_the_full_second_order_one(tmp_path, slice_da
     batch, aug, meta = next(loader), next(trainer._aug_iter), next(trainer._meta_iter)
     for p in model.poolers:  # away from the symmetric zero start
         torch.nn.init.normal_(p.weight, std=0.5)
-    opt = trainer.optimizer if inner == "adam" else torch.optim.SGD(model.backbone.parameters(), lr=cfg["meta_inner_lr"])
+    # float64: the first Adam step of adam_fresh, lr g / (|g| + eps), turns float32 rounding
+    # of tiny gradients into visible differences between two exact computations
+    model.double()
+    for st in trainer.optimizer.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.is_floating_point() and k != "step":
+                st[k] = v.double()
+    if inner == "adam":
+        opt = trainer.optimizer
+    elif inner == "adam_fresh":  # the public code: an Adam that never stepped
+        opt = torch.optim.Adam(model.backbone.parameters(), lr=cfg["meta_inner_lr"], betas=(0.9, 0.98))
+    else:
+        opt = torch.optim.SGD(model.backbone.parameters(), lr=cfg["meta_inner_lr"])
     torch.manual_seed(5)
     with higher.innerloop_ctx(model.backbone, opt, copy_initial_weights=True,
                               override={"lr": [cfg["meta_inner_lr"]]}) as (fnet, diffopt):
-        loss = model.calculate_loss(batch, net=fnet) + model.aug_loss(aug, net=fnet)
+        # the public inner loss: ONE mean over the original and augmented rows; the augmented
+        # inputs' embeddings come from outside the functional copy (no gradient into it)
+        loss = model.joint_mean(model.orig_loss(batch, net=fnet),
+                                model.aug_loss(aug, net=fnet, detach_inputs=not aug_input_grad))
         diffopt.step(loss)
         ref_loss = model.calculate_loss(meta, net=fnet)
         ref_loss.backward()
@@ -258,7 +275,7 @@ def test_length_buckets_leave_the_loss_and_its_gradients_unchanged(tmp_path, sli
         model.length_buckets = k
         model.zero_grad()
         torch.manual_seed(11)  # same negatives and insertion positions
-        loss = model.calculate_loss(batch) + model.aug_loss(aug)
+        loss = model.joint_mean(model.orig_loss(batch), model.aug_loss(aug))
         loss.backward()
         out[k] = (loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
     assert abs(out[1][0] - out[3][0]) < 1e-5
@@ -314,3 +331,128 @@ def test_the_shadow_backbone_is_reused_and_its_graph_released(tmp_path, slice_da
     # after a step the shadow holds only the backbone's own weights: no graph kept alive
     assert len(shadow._fast_params) == 1
     assert all(a is b for a, b in zip(shadow.fast_params, model.backbone.parameters()))
+
+
+def _by_hand_bce(model, calls):
+    """Sum and count of the next-item BCE of captured seq_loss calls, one row at a time,
+    untrimmed, in plain Python over positions: softplus(-h.e(target)) + softplus(h.e(neg))
+    at every position whose target is real and not inserted."""
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    emb = model.backbone.item_embedding.weight.detach()
+    with torch.no_grad():
+        for inputs, targets, ok, neg in calls:
+            for r in range(inputs.size(0)):
+                h = model.backbone(inputs[r : r + 1])[0]
+                for t in range(inputs.size(1)):
+                    if ok[r, t] and targets[r, t] > 0:
+                        pos = float(h[t] @ emb[targets[r, t]])
+                        ng = float(h[t] @ emb[neg[r, t]])
+                        total += float(F.softplus(torch.tensor(-pos))) + float(F.softplus(torch.tensor(ng)))
+                        count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_main_step_loss_is_one_mean_over_original_and_augmented_positions(tmp_path, slice_data, side_info, reuse):
+    """The public code concatenates the original and the augmented rows and takes ONE mean
+    of the BCE over all their target positions (not a mean per part, summed)."""
+    cfg, ds, (train, _, _), model = _setup(str(tmp_path), slice_data, side_info, meta_reuse_orig_grad=reuse)
+    trainer = LLMCDSRTrainer(cfg, model)
+    trainer._make_loaders(train)
+    batch, aug, meta = next(iter(train)), next(trainer._aug_iter), next(trainer._meta_iter)
+    calls = []
+    real_seq_loss = model.seq_loss
+
+    def capture(net, inputs, targets, target_ok, extra=None, neg=None, **kw):
+        inputs, targets, target_ok, extra = model._trim(inputs, targets, target_ok, extra)
+        if neg is None:
+            neg = model.sample_negatives(targets, torch.cat([inputs, targets], dim=1))
+        calls.append((inputs, targets, target_ok, neg))
+        return real_seq_loss(net, inputs, targets, target_ok, extra=extra, neg=neg, **kw)
+
+    model.seq_loss = capture
+    model.eval()  # no dropout: the by-hand pass computes the same function
+    reuse_args = trainer.meta_step(batch, aug, meta)
+    orig_from_meta = calls[0]  # with reuse, the main step takes the original part from the meta step
+    calls.clear()
+    loss = trainer.main_step(batch, aug, reuse_args)
+    parts = ([orig_from_meta] if reuse else []) + calls
+    assert len(parts) == 2
+    (s_o, n_o), (s_a, n_a) = (_by_hand_bce(model, [c]) for c in parts)
+    assert n_o > 0 and n_a > 0 and n_a < n_o  # augmented rows hold fewer positions
+    want = (s_o + s_a) / (n_o + n_a)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert abs(loss.item() - (s_o / n_o + s_a / n_a)) > 0.1  # not the sum of two means
+    # the gradient is that of the one mean: compare with autograd on the same rows and negatives
+    grads = {n: p.grad.clone() for n, p in model.backbone.named_parameters() if p.grad is not None}
+    model.backbone.zero_grad()
+    ref = model.joint_mean(*(real_seq_loss(model.backbone, i, t, o, neg=g) for i, t, o, g in parts))
+    ref.backward()
+    for n, p in model.backbone.named_parameters():
+        if n == "item_embedding.weight":
+            continue  # the augmented inputs' embeddings carry the straight-through term's rows too
+        assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-7), n
+
+
+def test_recalled_items_go_before_real_items_and_are_never_targets(tmp_path, slice_data, side_info):
+    """The public code inserts each recalled item before one of the n real items, chosen
+    uniformly, never after the last one; inserted items are context, never targets."""
+    cfg, ds, (train, _, _), model = _setup(str(tmp_path), slice_data, side_info)
+    trainer = LLMCDSRTrainer(cfg, model)
+    trainer._make_loaders(train)
+    gaps, k = [], model.recall_k
+    torch.manual_seed(0)
+    for _ in range(12):
+        aug = next(trainer._aug_iter)
+        seq = model.whole_sequence(aug)
+        inputs, targets, ok, _, ins_in = model.augmented(aug, with_grad=False)
+        ids, _ = model.recall(aug, with_grad=False)
+        window = torch.cat([inputs, targets[:, -1:]], dim=1)
+        ins = torch.cat([ins_in, torch.zeros_like(ins_in[:, :1])], dim=1)
+        ins[:, -1] = False
+        # the inserted flag of the window's last column, recomputed from augmented()'s mask
+        for b in range(len(seq)):
+            row = window[b].tolist()
+            n_items = sum(1 for x in row if x)
+            last = n_items - 1
+            real = [x for x in seq[b].tolist() if x]
+            assert row[last] == real[-1]  # the sequence ends with its own last real item
+            # targets the loss uses: real items only
+            tgt_ok = ok[b].tolist()
+            t_ins = ins_in[b].tolist()[1:] + [False]
+            assert not any(o and i for o, i in zip(tgt_ok, t_ins))
+            # recalled items of one gap keep their recall order; record each item's gap
+            rec = ids[b].tolist()
+            flags = ins_in[b].tolist() + [False]
+            pos_real, g = 0, []
+            for x, f in zip(row[: n_items], flags[: n_items]):
+                if f:
+                    g.append((pos_real, rec.index(x)))
+                else:
+                    pos_real += 1
+            if len(row[: n_items]) == len(real) + k:  # nothing cut by the window
+                assert len(g) == k
+                gaps += [pos / len(real) for pos, _ in g]
+                for (p1, r1), (p2, r2) in zip(g, g[1:]):
+                    assert p1 < p2 or r1 < r2
+    # uniform over "before item 0 .. before item n-1": the first gap is used, "after the last" never
+    assert min(gaps) == 0.0 and max(gaps) < 1.0
+    assert 0.35 < sum(gaps) / len(gaps) < 0.6
+
+
+def test_public_backbone_is_the_default_and_the_ablation_uses_it(tmp_path, slice_data, side_info):
+    from recbole_cdsr.model.layers import CausalSeqEncoder, PublicSASRecEncoder
+
+    cfg, _, (train, _, _), model = _setup(str(tmp_path), slice_data, side_info)
+    assert isinstance(model.backbone, PublicSASRecEncoder)
+    trainer = LLMCDSRTrainer(cfg, model)
+    assert trainer.meta_optimizer.param_groups[0]["betas"] == (0.9, 0.98)  # the public meta optimiser
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.98)
+    _, _, _, ablation = _setup(str(tmp_path), slice_data, side_info, llmcdsr_mode="backbone_only")
+    assert isinstance(ablation.backbone, PublicSASRecEncoder)
+    _, _, _, rb = _setup(str(tmp_path), slice_data, side_info, backbone="recbole")
+    assert isinstance(rb.backbone, CausalSeqEncoder)
+    with pytest.raises(ValueError, match="backbone must be 'public' or 'recbole'"):
+        _setup(str(tmp_path), slice_data, side_info, backbone="bert")

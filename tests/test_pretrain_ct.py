@@ -2,6 +2,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from recbole_cdsr.model.pretrain_ct import CollabTextPretrainer, DEFAULTS, pretrain_dataset, pretrain_domain
@@ -119,3 +120,58 @@ def test_validation_hit_at_10_is_the_pessimistic_full_ranking():
     with torch.no_grad():
         m.enc.item_embedding.weight[:] = 1.0
     assert m.hit_at_10(hist, target) == 0.0
+
+
+def test_nt_xent_is_the_public_loss_on_dot_products_with_both_kinds_of_negatives():
+    """By hand, in plain Python: for each of the 2n rows, -log softmax of its positive among
+    [every row of the other view, every other row of its own view], logits = dot / tau."""
+    import math
+
+    from recbole_cdsr.model.pretrain_ct import nt_xent
+
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 3) * 2, torch.randn(4, 3) * 2  # dot products well outside [-1, 1]
+    tau = 0.7
+    dot = lambda x, y: sum(float(p) * float(q) for p, q in zip(x, y)) / tau  # noqa: E731
+    losses = []
+    for x_view, y_view in ((a, b), (b, a)):
+        for i in range(4):
+            logits = [dot(x_view[i], y_view[j]) for j in range(4)]  # cross-view, positive at j = i
+            logits += [dot(x_view[i], x_view[j]) for j in range(4) if j != i]  # same view, self excluded
+            m = max(logits)
+            lse = m + math.log(sum(math.exp(v - m) for v in logits))
+            losses.append(lse - logits[i])
+    want = sum(losses) / len(losses)
+    assert nt_xent(a, b, tau).item() == pytest.approx(want, rel=1e-5)
+    # the cosine, cross-view-only variant is a different number
+    cos = torch.nn.functional.normalize
+    lbl = torch.arange(4)
+    other = 0.5 * (torch.nn.functional.cross_entropy(cos(a, dim=-1) @ cos(b, dim=-1).t() / tau, lbl)
+                   + torch.nn.functional.cross_entropy(cos(b, dim=-1) @ cos(a, dim=-1).t() / tau, lbl))
+    assert abs(other.item() - want) > 0.1
+
+
+def test_contrastive_term_covers_inputs_targets_and_negatives(monkeypatch):
+    import recbole_cdsr.model.pretrain_ct as pct
+
+    seen = {}
+    real = pct.nt_xent
+
+    def spy(a, b, tau=1.0):
+        seen["n"] = a.shape[0]
+        return real(a, b, tau)
+
+    monkeypatch.setattr(pct, "nt_xent", spy)
+    m = CollabTextPretrainer(31, 8, dict(DEFAULTS, **HP))
+    inp = torch.tensor([[1, 2, 0], [3, 0, 0]])
+    pos = torch.tensor([[2, 4, 0], [5, 0, 0]])
+    neg = torch.tensor([[20, 21, 0], [22, 0, 0]])
+    bce, nce = m.losses(inp, pos, neg, torch.randn(31, 8))
+    assert seen["n"] == 8  # items 1 2 3 4 5 and the negatives 20 21 22
+    nce.backward()
+    assert m.enc.item_embedding.weight.grad[[20, 21, 22]].abs().sum(1).gt(0).all()
+    # the public pre-training: its backbone, xavier-normal projection, Adam betas (0.9, 0.98)
+    from recbole_cdsr.model.layers import PublicSASRecEncoder
+
+    assert isinstance(m.enc, PublicSASRecEncoder) and DEFAULTS["adam_betas"] == [0.9, 0.98]
+    assert abs(m.proj.weight.std().item() - (2.0 / (8 + 16)) ** 0.5) < 0.06

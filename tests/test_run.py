@@ -96,6 +96,34 @@ def test_per_domain_selection_takes_each_domain_from_its_best_epoch(tmp_path, sl
         assert out["best_valid_result"][f"{d}/hit@10"] == max(scores)
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_domain_that_has_stopped_keeps_its_best_epoch(tmp_path, slice_data, monkeypatch, freeze):
+    """Per-domain early stopping as the public LLMCDSR code: once A has gone stopping_step
+    evaluations without improving it is frozen, even if a later epoch (trained because B
+    still improves) scores higher on A; with freeze_stopped_domains False it takes that epoch."""
+    from recbole_cdsr.trainer.trainer import CDSRTrainer
+
+    script_a = [0.1, 0.2, 0.15, 0.15, 0.9, 0.3]  # best at epoch 1; stale 2 after epoch 3; 0.9 at epoch 4
+    script_b = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]  # improves every epoch: training goes on
+    real = CDSRTrainer.evaluate
+    seen = []
+
+    def scripted(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        result = real(self, eval_data, load_best_model, model_file, show_progress)
+        if not load_best_model and model_file is None:  # a validation inside fit
+            i = len(seen)
+            seen.append(i)
+            result = dict(result, **{"A/hit@10": script_a[i], "B/hit@10": script_b[i]})
+        return result
+
+    monkeypatch.setattr(CDSRTrainer, "evaluate", scripted)
+    out = _short(str(tmp_path), slice_data, 3, epochs=6, stopping_step=2, freeze_stopped_domains=freeze)
+    best = out["results"]["selection"]["best_epochs"]
+    assert len(seen) == 6 and best["B"] == 5
+    assert best["A"] == (1 if freeze else 4)
+    assert out["best_valid_result"] is not None
+
+
 def test_cli_with_config_files(tmp_path, slice_data, capsys):
     yaml = tmp_path / "my.yaml"
     yaml.write_text(

@@ -101,7 +101,7 @@ class CDSRDataset(SequentialDataset):
                 self._resolve(self.config["pseudo_items"]),
                 self.field2token_id[self.uid_field],
                 self.user_num,
-                self.config["pseudo_max_names"] or 20,
+                self.config["pseudo_max_names"],
             )
         tables = self.config["recall_tables"]
         if tables:

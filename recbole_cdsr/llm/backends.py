@@ -14,9 +14,27 @@ prompt is silently dropped.
     HTTP 429/5xx and unparseable answers; bounded concurrency (a thread pool).
 ``HFBackend``
     ``AutoModelForCausalLM`` + ``AutoTokenizer`` from a local folder; batched generation
-    with left padding; the tokenizer's chat template when it has one; greedy by default.
+    with left padding (see the class for the prompt format and input truncation).
+
+Decoding (``decoding``): ``greedy`` (the default of both classes: deterministic, what the
+LeCDSR profiles use) or ``model``: the model's own settings, as the public LLMCDSR code
+generates (``model.generate`` with the checkpoint's ``generation_config.json``; for
+Baichuan2-Chat that samples). For ``OpenAIBackend``, ``model`` sends no temperature, so the
+server's default (or the served model's own generation config) applies. Sampling is seeded
+(``seed``): the HF backend seeds torch per batch from the seed and the batch's prompts; the
+OpenAI backend sends ``seed`` in the request (servers that honour it are reproducible).
+
+The public code feeds Baichuan2-Chat the raw prompt followed by that model's user-role token
+(``generation_config.user_token_id``), with no chat template. ``HFBackend`` does the same
+with ``prompt_format: user_token`` (``auto`` picks it for models that define that token) and
+otherwise wraps the prompt as one user turn of the tokenizer's chat template. An OpenAI
+server always applies its own chat template on ``/chat/completions`` (the prompt is one user
+message); ``/completions`` (``chat: False``) sends the raw prompt with no role token, and no
+input truncation is possible there (no tokenizer: a server rejects an over-long prompt, and
+the user is recorded as failed).
 """
 
+import hashlib
 import json
 import os
 import time
@@ -28,6 +46,15 @@ from dataclasses import dataclass
 
 class BackendError(ValueError):
     """A backend that cannot be set up (bad path, bad URL, missing key...)."""
+
+
+DECODINGS = ("greedy", "model")
+
+
+def check_decoding(decoding):
+    if decoding not in DECODINGS:
+        raise BackendError(f"llm_decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
+    return decoding
 
 
 def split_prompt(prompt):
@@ -51,6 +78,8 @@ class Completion:
     text: object  # str, or None when the prompt failed
     error: object = None  # str describing the last failure
     attempts: int = 1
+    names: object = None  # item names given directly by a non-LLM backend (the retrieval stand-in)
+    extracted: object = None  # the answer of the extraction call (llm_parser llm), set by GenerationJob
 
     @property
     def ok(self):
@@ -71,6 +100,7 @@ class OpenAIBackend:
         backoff=1.0,
         concurrency=4,
         seed=None,
+        decoding="greedy",
     ):
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise BackendError(f"llm_base_url must be an http(s) URL, got {base_url!r}")
@@ -87,14 +117,20 @@ class OpenAIBackend:
         self.backoff = float(backoff)
         self.concurrency = max(1, int(concurrency))
         self.seed = seed
+        self.decoding = check_decoding(decoding)
 
     def identity(self):
-        return {"backend": "openai", "base_url": self.base_url, "model": self.model, "chat": self.chat,
-                "max_tokens": self.max_tokens, "temperature": self.temperature}
+        ident = {"backend": "openai", "base_url": self.base_url, "model": self.model, "chat": self.chat,
+                 "max_tokens": self.max_tokens, "temperature": self.temperature}
+        if self.decoding == "model":  # (greedy keeps the identity it always had)
+            ident.update(decoding="model", temperature=None, seed=self.seed)
+        return ident
 
-    def _request(self, prompt):
-        path = "/chat/completions" if self.chat else "/completions"
-        body = {"model": self.model, "max_tokens": self.max_tokens, "temperature": self.temperature}
+    def request_body(self, prompt):
+        """The JSON body sent for ``prompt`` (``temperature`` only when decoding is greedy)."""
+        body = {"model": self.model, "max_tokens": self.max_tokens}
+        if self.decoding == "greedy":
+            body["temperature"] = self.temperature
         if self.seed is not None:
             body["seed"] = self.seed
         if self.chat:
@@ -104,6 +140,11 @@ class OpenAIBackend:
             ]
         else:
             body["prompt"] = flat_prompt(prompt)
+        return body
+
+    def _request(self, prompt):
+        path = "/chat/completions" if self.chat else "/completions"
+        body = self.request_body(prompt)
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
@@ -151,20 +192,60 @@ class _Garbage(Exception):
     pass
 
 
+PROMPT_FORMATS = ("template", "raw", "user_token", "auto")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
 class HFBackend:
-    def __init__(self, model_path, device="cpu", batch_size=8, max_new_tokens=500, do_sample=False,
-                 temperature=1.0, seed=0):
+    """A local causal LM.
+
+    Prompt format (``prompt_format``):
+
+    ``template``    one user turn (after a system turn, if the prompt has one) through the
+                    tokenizer's chat template, with the assistant's generation prompt; the
+                    plain text when the tokenizer has no template (the default of this class);
+    ``raw``         the plain text (a system text first, then a blank line);
+    ``user_token``  the plain text followed by the token id ``generation_config.user_token_id``:
+                    what the public LLMCDSR code feeds Baichuan2-Chat (it appends that model's
+                    user-role token after the prompt; the model then answers);
+    ``auto``        ``user_token`` when the model's generation config defines a
+                    ``user_token_id`` (Baichuan2), else ``template``.
+
+    Input truncation (``max_input_tokens``): the prompt text is cut to its first N tokens, on
+    the right, as the public code does (``max_length=1999``; a long prompt loses the end of
+    the user's own titles); a role token or chat template is added after the cut. None: no cut.
+
+    ``dtype``: ``auto`` (the checkpoint's), ``bfloat16`` (what the public code loads),
+    ``float16``, ``float32``; None leaves it to transformers. ``trust_remote_code``: run the
+    model folder's own Python code (needed by Baichuan2; off unless asked for).
+    """
+
+    def __init__(self, model_path, device="cpu", batch_size=8, max_new_tokens=500, seed=0, decoding="greedy",
+                 prompt_format="template", max_input_tokens=None, dtype=None, trust_remote_code=False):
         if not os.path.isdir(model_path):
             raise BackendError(
                 f"llm_model_path {model_path!r} is not a folder with a transformers model "
                 "(this project loads models from local paths only)"
             )
+        self.decoding = check_decoding(decoding)
+        if prompt_format not in PROMPT_FORMATS:
+            raise BackendError(f"llm_prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+        if dtype is not None and dtype not in DTYPES:
+            raise BackendError(f"llm_dtype must be one of {', '.join(DTYPES)} (or ~), got {dtype!r}")
+        if max_input_tokens is not None and int(max_input_tokens) < 1:
+            raise BackendError(
+                f"llm_max_input_tokens must be a positive number of tokens or ~, got {max_input_tokens!r}"
+            )
         try:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-            self.model = AutoModelForCausalLM.from_pretrained(model_path).to(device)
+            remote = {"trust_remote_code": True} if trust_remote_code else {}
+            load = dict(remote)
+            if dtype is not None:
+                load["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path, **remote)
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, **load).to(device)
         except Exception as e:
             raise BackendError(f"cannot load a causal LM from {model_path}: {type(e).__name__}: {e}") from None
         self.torch = torch
@@ -173,49 +254,106 @@ class HFBackend:
         self.device = device
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
-        self.do_sample = bool(do_sample)
-        self.temperature = float(temperature)
         self.seed = int(seed)
+        self.max_input_tokens = None if max_input_tokens is None else int(max_input_tokens)
+        self.dtype = dtype
+        self.trust_remote_code = bool(trust_remote_code)
         self.tokenizer.padding_side = "left"
+        self.tokenizer.truncation_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.use_chat = bool(getattr(self.tokenizer, "chat_template", None))
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.user_token_id = getattr(self.model.generation_config, "user_token_id", None)
+        if prompt_format == "auto":
+            prompt_format = "user_token" if self.user_token_id is not None else "template"
+        if prompt_format == "user_token" and self.user_token_id is None:
+            raise BackendError(
+                f"llm_prompt_format user_token: the generation config of {model_path} has no user_token_id "
+                "(only models such as Baichuan2 define one); use template or raw"
+            )
+        if prompt_format == "template" and not has_template:
+            prompt_format = "raw"
+        self.prompt_format = prompt_format
+        self.use_chat = prompt_format == "template"
 
     def identity(self):
-        return {"backend": "hf", "model_path": os.path.abspath(self.model_path),
-                "max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                "chat_template": self.use_chat}
+        gc = self.model.generation_config
+        ident = {"backend": "hf", "model_path": os.path.abspath(self.model_path),
+                 "max_new_tokens": self.max_new_tokens,
+                 "do_sample": bool(gc.do_sample) if self.decoding == "model" else False,
+                 "chat_template": self.use_chat}
+        # settings added later appear only when they differ from what this backend always did,
+        # so that earlier results keep their identity
+        if self.decoding == "model":
+            conf = {k: v for k, v in gc.to_diff_dict().items() if k != "transformers_version"}
+            ident.update(decoding="model", generation_config=conf, seed=self.seed)
+        if self.prompt_format == "user_token":
+            ident.update(prompt_format="user_token", user_token_id=int(self.user_token_id))
+        if self.max_input_tokens is not None:
+            ident["max_input_tokens"] = self.max_input_tokens
+        if self.dtype is not None:
+            ident["dtype"] = self.dtype
+        return ident
+
+    def _cut(self, text):
+        """``text`` cut to its first ``max_input_tokens`` tokens (unchanged when shorter)."""
+        if self.max_input_tokens is None:
+            return text
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self.max_input_tokens:
+            return text
+        return self.tokenizer.decode(ids[: self.max_input_tokens])
 
     def _format(self, prompt):
+        system, user = split_prompt(prompt)
+        user = self._cut(user)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # a template without a system role: one user message
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": flat_prompt({"system": system, "user": user})}],
+                tokenize=False, add_generation_prompt=True,
+            )
+
+    def encode(self, prompts):
+        """Left-padded ``input_ids`` and ``attention_mask`` of ``prompts`` as the model sees them."""
+        torch = self.torch
         if self.use_chat:
-            system, user = split_prompt(prompt)
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": user}
-            ]
-            try:
-                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception:  # a template without a system role: one user message
-                return self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": flat_prompt(prompt)}], tokenize=False, add_generation_prompt=True
-                )
-        return flat_prompt(prompt)
+            enc = self.tokenizer([self._format(p) for p in prompts], return_tensors="pt", padding=True)
+        else:
+            cut = {"truncation": True, "max_length": self.max_input_tokens} if self.max_input_tokens else {}
+            enc = self.tokenizer([flat_prompt(p) for p in prompts], return_tensors="pt", padding=True, **cut)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if self.prompt_format == "user_token":
+            ids = torch.cat([ids, torch.full((len(ids), 1), int(self.user_token_id), dtype=ids.dtype)], dim=1)
+            mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=mask.dtype)], dim=1)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def _generate_kwargs(self):
+        kw = {"max_new_tokens": self.max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id,
+              "remove_invalid_values": True}
+        if self.decoding == "greedy":
+            kw.update(do_sample=False, num_beams=1)
+        return kw  # decoding "model": everything else from model.generation_config
+
+    def _batch_seed(self, chunk):
+        """Seed of one batch: from ``seed`` and the batch's prompts, not from its position."""
+        h = hashlib.sha256(json.dumps([self.seed, chunk], sort_keys=True, default=str).encode())
+        return int.from_bytes(h.digest()[:8], "big") % (2**63)
 
     def generate(self, prompts):
         out = []
         torch = self.torch
+        dev = torch.device(self.device)
+        rng_devices = [dev.index or 0] if dev.type == "cuda" else []
         for i in range(0, len(prompts), self.batch_size):
-            chunk = [self._format(p) for p in prompts[i : i + self.batch_size]]
+            chunk = prompts[i : i + self.batch_size]
             try:
-                enc = self.tokenizer(chunk, return_tensors="pt", padding=True).to(self.device)
-                torch.manual_seed(self.seed + i)
-                with torch.no_grad():
-                    gen = self.model.generate(
-                        **enc,
-                        max_new_tokens=self.max_new_tokens,
-                        do_sample=self.do_sample,
-                        temperature=self.temperature if self.do_sample else None,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                    )
+                enc = self.encode(chunk)
+                with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
+                    torch.manual_seed(self._batch_seed(chunk))
+                    gen = self.model.generate(**enc, **self._generate_kwargs())
                 new = gen[:, enc["input_ids"].shape[1] :]
                 texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
                 out.extend(Completion(t) for t in texts)

@@ -2,10 +2,18 @@
 
 For every single-domain training user of domain D the LLM is asked, with the release's
 instruction prefix for D -> D' and ``shot`` in-context examples (overlapped users, drawn
-with a seed), to name D' items the user may like. Answers are parsed into item names
-(``regex``: numbered or bulleted lines; ``llm``: a second call that extracts the names and
-numbers them from 1, then the regex). Users with ``min_names`` or fewer names (default 2)
-get no pseudo items.
+with a seed), to name D' items the user may like. The prompt is the public code's, byte
+for byte (:func:`build_prompt`). Answers are parsed into item names:
+
+``llm``    a second call to the same model, with the public code's extraction prompt
+           (:func:`extract_prompt`), then the name pattern on its answer (the public method);
+``regex``  the name pattern on the answer itself (cheaper: one call per user);
+``given``  the names a non-LLM backend hands over as they are (the retrieval stand-in);
+``auto``   ``llm`` for an LLM backend, ``given`` otherwise.
+
+Name pattern (``name_pattern``): ``lines`` (:func:`parse_names`: numbered or bulleted lines,
+the last line too) or ``public`` (:func:`parse_names_public`: the public code's regex).
+Users with ``min_names`` or fewer names (default 2, as the public code) get no pseudo items.
 
 Results are appended per user to a JSONL file (user, domain, status, raw answer, names,
 error, attempts), flushed after every batch: a crash loses at most the batch in flight and
@@ -27,12 +35,18 @@ from recbole_cdsr.utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-PROMPT_VERSION = "llmcdsr-icl-v1"
-EXTRACT_PROMPT = (
-    "Below is a text that recommends some products. Extract the names of the items and "
-    "list them numbered from 1, one per line, with nothing else.\n\n### Text:\n{answer}\n\n### Items:\n"
+# v2: the public code's prompt and extraction prompt byte for byte (v1 had its own layout)
+PROMPT_VERSION = "llmcdsr-icl-v2"
+# the instruction of the public code's second ("parse") call, verbatim: the model is expected
+# to reproduce it exactly, so it is part of the method's prompt format
+EXTRACT_INSTRUCTION = (
+    "Extract the names of the items directly, and list them with numbers starting with 1. "
+    "If there are no items, Don't output anything."
 )
+PARSERS = ("auto", "llm", "regex", "given", "text")
+NAME_PATTERNS = ("lines", "public")
 _LINE = re.compile(r"^\s*(?:\d+\s*[.):]|[-*\u2022])\s*(.+?)\s*$")
+_PUBLIC = re.compile(r"\d+\.\s(.*?)\n")
 
 
 class GenerationError(ValueError):
@@ -40,7 +54,9 @@ class GenerationError(ValueError):
 
 
 def parse_names(text):
-    """Item names from numbered (``1. x``, ``2) y``) or bulleted (``- z``) lines, deduplicated."""
+    """Item names from numbered (``1. x``, ``2) y``, ``3: z``) or bulleted (``- z``, ``* z``,
+    ``\u2022 z``) lines, the last line too; surrounding quotes and blanks stripped; each name
+    once (case-insensitively), in order of first appearance; empty names dropped."""
     names, seen = [], set()
     for line in (text or "").splitlines():
         m = _LINE.match(line)
@@ -48,23 +64,59 @@ def parse_names(text):
             continue
         name = m.group(1).strip().strip('"').strip()
         key = name.lower()
-        if len(name) < 2 or key in seen:
+        if not name or key in seen:
             continue
         seen.add(key)
         names.append(name)
     return names
 
 
-def build_prompt(prefix, examples, user_titles):
-    """The LLMCDSR in-context prompt.
+def parse_names_public(text):
+    """The public code's parser: every ``<digits>. <name>`` followed by a newline, anywhere
+    in the text (so a last line without a newline is not read), each exact string once; an
+    answer of one line gives nothing. Order: first appearance (the public code keeps a
+    ``set``, whose order is arbitrary)."""
+    text = text or ""
+    if len(text.strip().split("\n")) <= 1:
+        return []
+    return list(dict.fromkeys(_PUBLIC.findall(text)))
 
+
+NAME_PARSERS = {"lines": parse_names, "public": parse_names_public}
+
+
+def _title_list(titles):
+    """A list of titles written as the public code writes it: Python's ``str`` of a list of str."""
+    return str([str(t) for t in titles])
+
+
+def build_prompt(prefix, examples, user_titles):
+    """The LLMCDSR in-context prompt, as the public code builds it (``prefix + concat_icl``).
+
+    ``prefix``: the release's instruction file, as read (its trailing blank line included).
     ``examples``: list of (source-domain titles, target-domain titles) of overlapped users.
-    """
-    lines = [prefix.rstrip()]
+    Each example: ``### Example i``, then ``Input:`` directly followed by the source titles as
+    a Python list literal, ``Output:`` and one ``- title`` line per target title, then a blank
+    line; then a blank line, ``### Input:`` and the user's titles as a list literal; nothing
+    after it (a chat template or role token, if any, is the backend's)."""
+    out = [prefix]
     for i, (src, tgt) in enumerate(examples, 1):
-        lines += ["", f"### Example {i}", "Input:"] + list(src) + ["Output:"] + [f"- {t}" for t in tgt]
-    lines += ["", "### Input:"] + list(user_titles) + ["", "### Response:", ""]
-    return "\n".join(lines)
+        out.append(f"### Example {i}\nInput:{_title_list(src)}\nOutput:\n")
+        out.append("\n".join(f"- {t}" for t in tgt))
+        out.append("\n\n")
+    out.append(f"\n### Input:\n{_title_list(user_titles)}")
+    return "".join(out)
+
+
+def extract_prompt(answer):
+    """The public code's extraction prompt for one answer. The public code writes the answer
+    to a file and reads it back with ``readlines`` (newlines normalised), joins the lines
+    (which keep their newline) with another newline, so every line break is doubled, wraps
+    that in double quotes and adds a blank line and the instruction."""
+    text = (answer or "").replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
+    kept = [ln + "\n" for ln in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+    return '"' + "\n".join(kept) + '"' + "\n\n" + EXTRACT_INSTRUCTION
 
 
 class GenerationJob:
@@ -74,19 +126,35 @@ class GenerationJob:
         out_dir (str): where the JSONL and manifest go (the dataset folder).
         dataset_name (str): prefix of the files.
         backend: an object with ``generate(prompts) -> [Completion]`` and ``identity()``.
-        parser (str): ``regex`` or ``llm``.
+        parser (str): ``auto``, ``llm``, ``regex``, ``given`` (names) or ``text`` (the answer
+            itself is the product); see the module docstring. ``auto`` is resolved here and the
+            resolved parser is what the identity records.
+        name_pattern (str): ``lines`` or ``public`` (parsers ``llm`` and ``regex``).
         settings (dict): everything else that defines the output (shot, seed, prompt version...).
     """
 
-    def __init__(self, out_dir, dataset_name, backend, parser="regex", settings=None, batch_size=16,
+    def __init__(self, out_dir, dataset_name, backend, parser="auto", settings=None, batch_size=16,
                  min_names=2, show_progress=True, prompt_version=PROMPT_VERSION, kind="gen",
-                 desc="LLM generation"):
-        if parser not in ("regex", "llm", "text"):
-            raise GenerationError(f"parser must be 'regex', 'llm' (names) or 'text' (the answer itself), got {parser!r}")
-        if parser == "llm" and not getattr(backend, "is_llm", True):
-            raise GenerationError("llm_parser 'llm' needs an LLM backend (hf or openai); use 'regex'")
+                 desc="LLM generation", name_pattern="lines"):
+        if parser not in PARSERS:
+            raise GenerationError(
+                f"llm_parser must be one of {', '.join(PARSERS[:4])} (names) or 'text' (the answer itself), "
+                f"got {parser!r}"
+            )
+        is_llm = getattr(backend, "is_llm", True)
+        gives_names = getattr(backend, "gives_names", False)
+        if parser == "auto":
+            parser = "llm" if is_llm else ("given" if gives_names else "regex")
+        if parser == "llm" and not is_llm:
+            raise GenerationError("llm_parser 'llm' needs an LLM backend (hf or openai); use 'regex' or 'auto'")
+        if parser == "given" and not gives_names:
+            raise GenerationError("llm_parser 'given' needs a backend that hands over names (the retrieval stand-in)")
+        if name_pattern not in NAME_PATTERNS:
+            raise GenerationError(f"name_pattern must be one of {', '.join(NAME_PATTERNS)}, got {name_pattern!r}")
         self.backend = backend
         self.parser = parser
+        self.name_pattern = name_pattern
+        self.parse_names = NAME_PARSERS[name_pattern]
         self.batch_size = max(1, int(batch_size))
         self.min_names = int(min_names)
         self.show_progress = show_progress
@@ -98,6 +166,8 @@ class GenerationJob:
             "backend": backend.identity(),
             **(settings or {}),
         }
+        if parser in ("llm", "regex") and name_pattern != "lines":
+            self.identity["name_pattern"] = name_pattern
         tag = hashlib.sha256(json.dumps(self.identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
         self.jsonl = os.path.join(out_dir, f"{dataset_name}.{kind}-{tag}.jsonl")
         self.manifest = os.path.join(out_dir, f"{dataset_name}.{kind}-{tag}.json")
@@ -132,14 +202,19 @@ class GenerationJob:
                 if c.ok and not c.text.strip():
                     c.error, c.text = "empty answer", None
             return [[] for _ in completions]
+        if self.parser == "given":
+            return [list(c.names or []) if c.ok else [] for c in completions]
         if self.parser == "regex":
-            return [parse_names(c.text) if c.ok else [] for c in completions]
+            return [self.parse_names(c.text) if c.ok else [] for c in completions]
         todo = [i for i, c in enumerate(completions) if c.ok]
-        extracted = self.backend.generate([EXTRACT_PROMPT.format(answer=completions[i].text) for i in todo])
+        extracted = self.backend.generate([extract_prompt(completions[i].text) for i in todo])
+        if len(extracted) != len(todo):
+            raise GenerationError(f"backend returned {len(extracted)} extractions for {len(todo)} prompts")
         names = [[] for _ in completions]
         for i, e in zip(todo, extracted):
             if e.ok:
-                names[i] = parse_names(e.text)
+                names[i] = self.parse_names(e.text)
+                completions[i].extracted = e.text
             else:
                 completions[i].error = f"extraction call failed: {e.error}"
         return names
@@ -179,6 +254,8 @@ class GenerationJob:
                         "error": c.error,
                         "attempts": c.attempts,
                     }
+                    if self.parser == "llm":
+                        rec["extracted"] = getattr(c, "extracted", None)  # the extraction call's answer
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())

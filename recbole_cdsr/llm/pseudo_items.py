@@ -4,8 +4,9 @@ File ``<dataset>.pseudo-<tag>.npz`` (+ ``.json`` manifest):
 ``users`` (user tokens, str [U]), ``domains`` (the user's own domain, str [U]),
 ``offsets`` (int64 [U + 1]: user u owns rows ``index[offsets[u]:offsets[u + 1]]``),
 ``index`` (int32: rows of ``emb``), ``names`` (unique names, str [N]), ``emb`` (float32 [N, d]).
-Names are deduplicated (case-sensitive after whitespace normalisation) so every distinct
-name is embedded once. Users with ``min_names`` or fewer names are left out (no pseudo items).
+Names are deduplicated as exact strings (each embedded as given, as the public code embeds
+each parsed name), so every distinct name is embedded once. Users with ``min_names`` or fewer
+names are left out (no pseudo items).
 ``CDSRDataset`` loads the file named by the config key ``pseudo_items`` and exposes it as
 ``dataset.pseudo_items`` (tensors indexed by RecBole's internal user ids).
 """
@@ -39,7 +40,7 @@ def write_pseudo_items(dataset_dir, dataset_name, records, encoder, source_manif
         users.append(user)
         domains.append(r["domain"])
         for n in r["names"]:
-            n = " ".join(str(n).split())
+            n = str(n)
             if n not in name_row:
                 name_row[n] = len(name_row)
             index.append(name_row[n])
@@ -75,10 +76,11 @@ def write_pseudo_items(dataset_dir, dataset_name, records, encoder, source_manif
     return base + ".npz"
 
 
-def load_pseudo_items(path, user_token2id, n_users, max_per_user):
+def load_pseudo_items(path, user_token2id, n_users, max_per_user=None):
     """Tensors for a dataset: ``emb`` [N + 1, d] (row 0 = padding), ``index`` [n_users, K]
-    (rows of ``emb``, 0 = none; the first ``max_per_user`` names of each user), ``count``
-    [n_users]. Checks the manifest's sha256 first."""
+    (rows of ``emb``, 0 = none), ``count`` [n_users]. ``max_per_user``: keep the first N names
+    of each user (K = N); None (or 0): keep all, as the public code does (K = the largest
+    count among the dataset's users, at least 1). Checks the manifest's sha256 first."""
     import torch
 
     man = path[: -len(".npz")] + ".json"
@@ -90,14 +92,19 @@ def load_pseudo_items(path, user_token2id, n_users, max_per_user):
         raise PseudoItemError(f"pseudo_items: {path} does not match its manifest (incomplete or changed)")
     with np.load(path, allow_pickle=False) as z:
         users, offsets, index, emb = z["users"], z["offsets"], z["index"], z["emb"]
-    k = int(max_per_user)
-    idx = torch.zeros(n_users, k, dtype=torch.long)
-    cnt = torch.zeros(n_users, dtype=torch.long)
+    if max_per_user is not None and int(max_per_user) < 0:
+        raise PseudoItemError(f"pseudo_max_names must be a positive number or None (all names), got {max_per_user!r}")
+    cap = int(max_per_user) if max_per_user else None
+    owned = []  # (internal user id, rows of emb) of the dataset's users
     for u, tok in enumerate(users):
         uid = user_token2id.get(str(tok))
         if uid is None:
             continue  # a user the loaded dataset does not have (e.g. a slice)
-        rows = index[offsets[u] : offsets[u + 1]][:k]
+        owned.append((uid, index[offsets[u] : offsets[u + 1]][:cap]))
+    k = cap if cap is not None else max([1] + [len(rows) for _, rows in owned])
+    idx = torch.zeros(n_users, k, dtype=torch.long)
+    cnt = torch.zeros(n_users, dtype=torch.long)
+    for uid, rows in owned:
         idx[uid, : len(rows)] = torch.from_numpy(rows.astype(np.int64) + 1)
         cnt[uid] = len(rows)
     table = torch.cat([torch.zeros(1, emb.shape[1]), torch.from_numpy(emb)])

@@ -3,9 +3,11 @@
 For a single-domain user of domain D, the overlapped training users whose D titles are
 closest in text-embedding space (cosine between mean title embeddings) are found, and
 their D' titles (most similar neighbour first, each title once) become the "generated"
-names. It answers in the same numbered-list text an LLM would, so parsing, embedding and
-everything downstream run unchanged, and it says what it is in its identity (recorded in
-every manifest and results file).
+names. It answers in the same numbered-list text an LLM would and also hands the names over
+as they are (``Completion.names``, read by the parser ``given``, which ``llm_parser: auto``
+picks for it), so nothing is lost to parsing; embedding and everything downstream run
+unchanged, and it says what it is in its identity (recorded in every manifest and results
+file).
 """
 
 import numpy as np
@@ -15,6 +17,7 @@ from recbole_cdsr.llm.backends import Completion
 
 class RetrievalBackend:
     is_llm = False
+    gives_names = True
 
     def __init__(self, encoder, overlapped, neighbours=3, max_names=20, title_vectors=None):
         """
@@ -72,7 +75,8 @@ class RetrievalBackend:
                         seen.add(t.lower())
                         names.append(t)
             names = names[: self.max_names]
-            out.append(Completion("\n".join(f"{i}. {n}" for i, n in enumerate(names, 1))))
+            text = "\n".join(f"{i}. {n}" for i, n in enumerate(names, 1))
+            out.append(Completion(text, names=names))
         return out
 
     def generate(self, prompts):

@@ -1,4 +1,5 @@
-"""Inputs of stage 1 read from a converted dataset: users' titles, examples, prefixes."""
+"""Inputs of stage 1 read from a converted dataset (users' titles, examples, prefixes) and
+the backend that answers its prompts."""
 
 import os
 
@@ -77,3 +78,44 @@ def stage1_requests(dataset_dir, name, shot, seed, with_prompts=True, items=None
     for r, (_, _, titles) in zip(reqs, users):
         r["titles"] = titles
     return reqs, overlapped
+
+
+def _opt(config, key, default):
+    """``config[key]``, or ``default`` where the key is unset (None) or absent."""
+    v = config[key]
+    return default if v is None else v
+
+
+def stage1_backend(config, encoder=None, overlapped=None, title_vectors=None):
+    """The backend of LLMCDSR's stage 1 for ``config["generator"]``.
+
+    LLM backends get the stage-1 settings that make them generate as the public code does:
+    ``llm_decoding`` (default ``model``: the model's own generation config / the server's
+    default temperature), ``llm_prompt_format`` (hf, default ``auto``: Baichuan2's user-role
+    token after the prompt when the model defines one, else the chat template),
+    ``llm_max_input_tokens`` (hf, default 1999, cut on the right), ``llm_dtype`` (hf, default
+    bfloat16) and ``llm_trust_remote_code`` (hf, default False)."""
+    from recbole_cdsr.llm.backends import HFBackend, OpenAIBackend
+    from recbole_cdsr.llm.retrieval import RetrievalBackend
+
+    gen = config["generator"]
+    if gen == "retrieval":
+        return RetrievalBackend(encoder, overlapped, config["retrieval_neighbours"], config["llm_max_names"],
+                                title_vectors=title_vectors)
+    decoding = _opt(config, "llm_decoding", "model")
+    seed = _opt(config, "generation_seed", 0)
+    if gen == "hf":
+        if not config["llm_model_path"]:
+            raise ValueError("generator: hf needs llm_model_path (a local transformers model folder)")
+        return HFBackend(config["llm_model_path"], device=str(config["device"]), batch_size=config["llm_batch_size"],
+                         max_new_tokens=config["llm_max_new_tokens"], seed=seed, decoding=decoding,
+                         prompt_format=_opt(config, "llm_prompt_format", "auto"),
+                         max_input_tokens=config["llm_max_input_tokens"],
+                         dtype=config["llm_dtype"],
+                         trust_remote_code=bool(config["llm_trust_remote_code"]))
+    if gen == "openai":
+        return OpenAIBackend(config["llm_base_url"], config["llm_model"], api_key_env=config["llm_api_key_env"],
+                             chat=config["llm_chat"], max_tokens=config["llm_max_new_tokens"],
+                             timeout=config["llm_timeout"], max_retries=config["llm_max_retries"],
+                             concurrency=config["llm_concurrency"], seed=seed, decoding=decoding)
+    raise ValueError(f"generator must be one of retrieval, hf, openai, import; got {gen!r}")

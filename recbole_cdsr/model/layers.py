@@ -160,7 +160,7 @@ def plan_length_buckets(lengths, max_buckets=3, overhead=512):
     return [(torch.as_tensor(rows.copy(), dtype=torch.long, device=dev), length) for rows, length in groups]
 
 
-def bucketed_bce(encoder, embedding, inputs, targets, neg, mask, groups, extra=None):
+def bucketed_bce(encoder, embedding, inputs, targets, neg, mask, groups, extra=None, detach_inputs=False):
     """Next-item BCE of a causal sequence encoder, summed over the masked positions, with
     the rows run in length groups.
 
@@ -171,7 +171,8 @@ def bucketed_bce(encoder, embedding, inputs, targets, neg, mask, groups, extra=N
     :func:`plan_length_buckets` (``[(None, L)]``: the whole batch); each group runs trimmed to
     its own length, which for a causal encoder whose rows do not interact gives the loss of
     the whole batch. One embedding lookup serves inputs, targets and negatives of every
-    group: one dense gradient of the table instead of one per group and kind.
+    group: one dense gradient of the table instead of one per group and kind. With
+    ``detach_inputs`` the input embeddings carry no gradient into the table.
 
     Returns ``(total, count)``: the summed loss and the summed mask of the positions run.
     """
@@ -183,7 +184,7 @@ def bucketed_bce(encoder, embedding, inputs, targets, neg, mask, groups, extra=N
     total, count = 0.0, 0.0
     for (rows, L), ids, looked in zip(groups, parts, looked_all.split([x.numel() for x in parts])):
         looked = looked.view(*ids.shape, -1)
-        in_emb = looked[:, :L]
+        in_emb = looked[:, :L].detach() if detach_inputs else looked[:, :L]
         if extra is not None:
             in_emb = in_emb + (extra[:, :L] if rows is None else extra[rows, :L])
         h = encoder(ids[:, :L], item_emb=in_emb)
@@ -193,3 +194,150 @@ def bucketed_bce(encoder, embedding, inputs, targets, neg, mask, groups, extra=N
         total = total + ((F.softplus(-ps) + F.softplus(ns)) * m).sum()
         count = count + m.sum()
     return total, count
+
+
+class PadKeyAttention(nn.Module):
+    """Causal multi-head self-attention of the SASRec port that LLMCDSR's public code uses
+    (``torch.nn.MultiheadAttention`` with a causal mask and no key-padding mask), computed on
+    left-aligned rows.
+
+    In the public code a row is right-aligned in a window of ``max_len`` slots; its ``P``
+    leading padded slots are zero vectors, so every one of them offers the key ``b_k`` and
+    the value ``b_v`` (the input projection's biases), and every real query attends to them.
+    Here the real items sit at the front of the row and the ``P`` padded slots are folded
+    into one extra key ``b_k`` whose logit carries ``+ log P``: the same softmax, at any row
+    width. Attention dropout (on the weights, as ``MultiheadAttention`` does) drops each of
+    the ``P`` slots independently in the public code; here the folded slot's weight is
+    scaled by ``K / (P (1 - p))`` with ``K ~ Binomial(P, 1 - p)``, the same distribution.
+
+    Parameters have ``MultiheadAttention``'s shapes: ``in_proj_weight`` [3H, H],
+    ``in_proj_bias`` [3H], ``out_proj``.
+    """
+
+    def __init__(self, hidden_size, n_heads, dropout):
+        super().__init__()
+        if hidden_size % n_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not a multiple of n_heads {n_heads}")
+        self.h = n_heads
+        self.p = float(dropout)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * hidden_size))
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query, kv, n_pad):
+        """``query`` (the normalised input), ``kv`` (the input) [B, W, H]; ``n_pad`` [B]
+        float: padded slots of each row's public window. Returns [B, W, H]."""
+        B, W, H = query.shape
+        h, dh = self.h, H // self.h
+        wq, wk, wv = self.in_proj_weight.chunk(3)
+        bq, bk, bv = self.in_proj_bias.chunk(3)
+        q = F.linear(query, wq, bq).view(B, W, h, dh).transpose(1, 2) * dh**-0.5
+        k = F.linear(kv, wk, bk).view(B, W, h, dh).transpose(1, 2)
+        v = F.linear(kv, wv, bv).view(B, W, h, dh).transpose(1, 2)
+        causal = torch.ones(W, W, dtype=torch.bool, device=query.device).tril()
+        s = (q @ k.transpose(-1, -2)).masked_fill(~causal, float("-inf"))  # [B, h, W, W]
+        s0 = q @ bk.view(h, dh, 1) + torch.log(n_pad).view(B, 1, 1, 1)  # the folded padded slots
+        probs = torch.softmax(torch.cat([s0, s], dim=-1), dim=-1)
+        w0, w = probs[..., :1], probs[..., 1:]
+        if self.training and self.p > 0:
+            keep = 1.0 - self.p
+            w = w * ((torch.rand_like(w) < keep).to(w.dtype) / keep)
+            count = n_pad.view(B, 1, 1, 1).expand_as(w0).contiguous()
+            kept = torch.binomial(count, torch.full_like(count, keep))
+            w0 = w0 * (kept / count.clamp(min=1.0) / keep)
+        out = w0 * bv.view(1, h, 1, dh) + w @ v
+        return self.out_proj(out.transpose(1, 2).reshape(B, W, H))
+
+
+class PointWiseFeedForward(nn.Module):
+    """The public SASRec port's feed-forward: two width-H position-wise layers (1x1
+    convolutions there, ``Linear`` here: the same function and parameter count), dropout,
+    ReLU, dropout, plus the block's input."""
+
+    def __init__(self, hidden_size, dropout):
+        super().__init__()
+        self.conv1 = nn.Linear(hidden_size, hidden_size)
+        self.conv2 = nn.Linear(hidden_size, hidden_size)
+        self.dropout1 = FastDropout(dropout)
+        self.dropout2 = FastDropout(dropout)
+
+    def forward(self, x):
+        return self.dropout2(self.conv2(F.relu(self.dropout1(self.conv1(x))))) + x
+
+
+class PublicSASRecEncoder(nn.Module):
+    """The SASRec of LLMCDSR's public code (the widely used PyTorch port of SASRec), on
+    left-aligned rows.
+
+    As the public ``log2feats``: item embeddings times sqrt(H); each row treated as
+    right-aligned in a window of ``max_len`` slots, positions 0..max_len-1 over that window
+    (so a row's last item always has position max_len - 1); embedding dropout; padded slots
+    zeroed; blocks of LayerNorm -> causal attention (every real query also sees the padded
+    slots, see :class:`PadKeyAttention`) with the residual taken from the normalised query,
+    LayerNorm -> :class:`PointWiseFeedForward`, padded slots zeroed again; a final
+    LayerNorm; every LayerNorm with eps 1e-8. Initialisation as the public training
+    scripts: xavier-normal for every weight of two or more dimensions, ``MultiheadAttention``'s
+    zero biases, the convolution's default uniform biases, the padding row zero.
+
+    Rows are left-aligned here (real items first, then 0s), so a row can be cut to any
+    width that holds its items (length buckets) and the function stays the same: the
+    padded slots enter only as a count. ``forward`` returns [B, W, H] in the input's layout.
+    """
+
+    def __init__(self, n_items, hidden_size=64, max_len=50, n_layers=2, n_heads=1, dropout=0.5, eps=1e-8):
+        super().__init__()
+        self.max_len = max_len
+        self.scale = hidden_size**0.5
+        self.item_embedding = nn.Embedding(n_items, hidden_size, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_len, hidden_size)
+        self.dropout = FastDropout(dropout)
+        self.attention_layernorms = nn.ModuleList([nn.LayerNorm(hidden_size, eps=eps) for _ in range(n_layers)])
+        self.attention_layers = nn.ModuleList([PadKeyAttention(hidden_size, n_heads, dropout) for _ in range(n_layers)])
+        self.forward_layernorms = nn.ModuleList([nn.LayerNorm(hidden_size, eps=eps) for _ in range(n_layers)])
+        self.forward_layers = nn.ModuleList([PointWiseFeedForward(hidden_size, dropout) for _ in range(n_layers)])
+        self.last_layernorm = nn.LayerNorm(hidden_size, eps=eps)
+        xavier_normal_weights(self)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
+    def forward(self, item_seq, item_emb=None):
+        B, W = item_seq.shape
+        if W > self.max_len:
+            raise ValueError(f"rows of {W} items exceed the backbone's window of {self.max_len}")
+        keep = (item_seq > 0).unsqueeze(-1)
+        n = keep.sum(1).view(B)
+        pos = ((self.max_len - n).unsqueeze(1) + torch.arange(W, device=item_seq.device)).clamp(max=self.max_len - 1)
+        if item_emb is None:
+            item_emb = self.item_embedding(item_seq)
+        x = self.dropout(item_emb * self.scale + self.position_embedding(pos)) * keep
+        n_pad = (self.max_len - n).to(x.dtype)
+        for ln_a, attn, ln_f, ffn in zip(self.attention_layernorms, self.attention_layers,
+                                         self.forward_layernorms, self.forward_layers):
+            q = ln_a(x)
+            x = q + attn(q, x, n_pad)
+            x = ffn(ln_f(x)) * keep
+        return self.last_layernorm(x)
+
+
+def xavier_normal_weights(module):
+    """xavier-normal for every parameter of two or more dimensions of ``module`` (what the
+    public LLMCDSR scripts do to their models after building them)."""
+    for p in module.parameters():
+        if p.dim() >= 2:
+            nn.init.xavier_normal_(p)
+    return module
+
+
+def build_backbone(kind, n_items, hidden_size, max_len, n_layers, n_heads, dropout, attn_dropout=None,
+                   inner_size=256, hidden_act="gelu", layer_norm_eps=1e-12, initializer_range=0.02):
+    """LLMCDSR's sequence encoder: ``public`` (:class:`PublicSASRecEncoder`, as the public
+    code) or ``recbole`` (:class:`CausalSeqEncoder`, RecBole's SASRec layers)."""
+    if kind == "public":
+        return PublicSASRecEncoder(n_items, hidden_size, max_len, n_layers, n_heads, dropout)
+    if kind == "recbole":
+        return CausalSeqEncoder(n_items, hidden_size, max_len, n_layers, n_heads, inner_size, dropout,
+                                dropout if attn_dropout is None else attn_dropout, hidden_act,
+                                layer_norm_eps, initializer_range)
+    raise ValueError(f"backbone must be 'public' or 'recbole', got {kind!r}")

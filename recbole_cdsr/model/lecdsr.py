@@ -33,7 +33,16 @@ alignment loss, a symmetric soft-target contrastive loss between E and T over th
 of each sequence (logits E T^T / tau2, targets softmax((E E^T + T T^T) / (2 tau2)),
 cross-entropy of the rows of the logits and of their transpose, averaged).
 
-Differences from the public code, each deliberate (the spec's list of its defects):
+Initialisation (``lecdsr_init``): ``xavier`` (default) is what the public main script does
+after building the model: xavier-normal on every trainable parameter of two or more
+dimensions, fans computed on the public code's shapes (its filter is [1, L//2+1, d, 2]);
+one-dimensional parameters keep their constructor values; the padding rows of the id and
+position embeddings are zeroed afterwards (they are masked anyway). ``normal`` is the public
+model's constructor alone (what its grid-search script trains): id, position, output and
+user embeddings normal(0, ``embedding_init_std`` or 1/d), output bias 0, instance-gate
+weights xavier-uniform, filter normal(0, 0.02), linear layers PyTorch's default.
+
+Differences from the public code, each deliberate (docs/lecdsr.md has the full table):
 the frozen tables are buffers that no initialisation touches (the public script
 re-initialises them with every 2-D weight); the hinge compares each positive with its own
 negatives ([B, n_neg], the public code broadcasts to [B, B, n_neg]) and is averaged over
@@ -41,9 +50,11 @@ samples, not summed over the batch; padding is masked in the mixing, both gates,
 and the alignment loss; every real item has a position (the public code leaves the oldest
 slot at 0); the alignment term is counted once (the public code adds it twice, as
 align(E, T) + align(T, E), which are equal); padding rows of the embeddings stay zero;
-held-out users get a profile from their history (the public code gives them zeros).
-Ablations: ``lecdsr_use_profiles: False`` (u = 0), ``lecdsr_use_item_text: False`` (no T:
-no fusion branch, no alignment loss).
+held-out users get a profile from their history (the public code gives them zeros);
+negatives are drawn anew for every batch (the public code draws them once).
+Ablations: ``lecdsr_use_profiles: False`` (u = a trainable user ID embedding, as the public
+code, or u = 0 with ``lecdsr_user_vector: zero``), ``lecdsr_use_item_text: False`` (no T:
+no fusion branch, no alignment loss; the learnable-filter branch stays).
 """
 
 import torch
@@ -57,9 +68,10 @@ from recbole_cdsr.model.layers import unique_padded
 
 
 class TextAdapter(nn.Module):
-    """Linear(d_in, inner) -> LayerNorm -> GELU -> Linear(inner, d_out)."""
+    """Linear(d_in, inner) -> LayerNorm -> GELU -> Linear(inner, d_out) (LayerNorm's eps:
+    PyTorch's default, as the public code)."""
 
-    def __init__(self, d_in, d_out, inner=768, eps=1e-12):
+    def __init__(self, d_in, d_out, inner=768, eps=1e-5):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d_in, inner), nn.LayerNorm(inner, eps=eps), nn.GELU(), nn.Linear(inner, d_out))
 
@@ -89,10 +101,20 @@ def alignment_loss(x, y, mask, tau2):
     return (per_slot * m).sum() / m.sum().clamp(min=1.0)
 
 
+def _choice(config, key, allowed, default):
+    value = config[key]
+    value = default if value is None else str(value).lower()
+    if value not in allowed:
+        raise ValueError(f"{key}: {config[key]!r}, expected one of {', '.join(allowed)}")
+    return value
+
+
 class LeCDSR(SequentialRecommender):
     input_type = InputType.POINTWISE
     TRAIN_VIEW = "prefix"
     row_bucket = 1024  # distinct items of a batch are padded to a multiple of this (see forward)
+    INIT_SCHEMES = ("xavier", "normal")
+    USER_VECTORS = ("id", "zero")  # u without profiles
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -104,14 +126,24 @@ class LeCDSR(SequentialRecommender):
         self.n_neg = int(config["n_neg"])
         self.use_profiles = bool(config["lecdsr_use_profiles"])
         self.use_item_text = bool(config["lecdsr_use_item_text"])
+        self.init_scheme = _choice(config, "lecdsr_init", self.INIT_SCHEMES, "xavier")
+        self.user_vector = "profile" if self.use_profiles else _choice(
+            config, "lecdsr_user_vector", self.USER_VECTORS, "id")
         std = config["embedding_init_std"] or 1.0 / d
 
+        # the public model's constructor ("normal"); "xavier" re-initialises on top of it
         self.item_embedding = nn.Embedding(self.n_items, d, padding_idx=0)
         self.position_embedding = nn.Embedding(L + 1, d, padding_idx=0)
         self.out_embedding = nn.Embedding(self.n_items, d)
         self.out_bias = nn.Embedding(self.n_items, 1)
-        for emb in (self.item_embedding, self.position_embedding, self.out_embedding):
-            nn.init.normal_(emb.weight, 0.0, std)
+        if self.user_vector == "id":
+            # no profiles: a trainable vector per RecBole user id, as the public code. Users seen
+            # only in validation/test never get a gradient: theirs stay at their initial values.
+            self.user_embedding = nn.Embedding(dataset.user_num, d)
+        for emb in (self.item_embedding, self.position_embedding, self.out_embedding,
+                    getattr(self, "user_embedding", None)):
+            if emb is not None:
+                nn.init.normal_(emb.weight, 0.0, std)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
             self.position_embedding.weight[0].zero_()
@@ -140,6 +172,9 @@ class LeCDSR(SequentialRecommender):
             self.register_buffer("user_profiles", table.clone().float())
             self.user_adapter = TextAdapter(table.shape[1], d, config["adapter_inner_size"])
 
+        if self.init_scheme == "xavier":
+            self.xavier_init_()
+
         # domains: for positions and for negatives of the target's own domain
         item_domain = torch.as_tensor(dataset.item_domain, dtype=torch.long)
         self.n_domains = len(dataset.domain_names)
@@ -154,6 +189,25 @@ class LeCDSR(SequentialRecommender):
         for x in dom_items:
             rank[x] = torch.arange(len(x))
         self.register_buffer("rank_in_domain", rank, persistent=False)
+
+    def public_shape(self, name, param):
+        """The shape the public code gives this parameter (its fans decide xavier's std)."""
+        if name == "filter":
+            return (1,) + tuple(param.shape)  # public: [1, L//2+1, d, 2]
+        return tuple(param.shape)
+
+    @torch.no_grad()
+    def xavier_init_(self):
+        """The public main script's initialisation: xavier-normal on every trainable
+        parameter of two or more dimensions (std sqrt(2 / (fan_in + fan_out)) of the public
+        shape). Buffers (the frozen LLM tables) are not parameters and stay untouched; 1-D
+        parameters keep their values; the padding rows of the id and position embeddings are
+        zeroed again."""
+        for name, p in self.named_parameters():
+            if p.requires_grad and p.dim() >= 2:
+                nn.init.xavier_normal_(p.data.view(self.public_shape(name, p)))
+        self.item_embedding.weight[0].zero_()
+        self.position_embedding.weight[0].zero_()
 
     @staticmethod
     def prepare_stages(config):
@@ -183,9 +237,11 @@ class LeCDSR(SequentialRecommender):
 
     # -- model ---------------------------------------------------------------------------
     def _user_vector(self, interaction, batch, device):
-        if not self.use_profiles:
-            return torch.zeros(batch, self.hidden_size, device=device)
-        return self.user_adapter(self.user_profiles[interaction[self.USER_ID]])
+        if self.user_vector == "profile":
+            return self.user_adapter(self.user_profiles[interaction[self.USER_ID]])
+        if self.user_vector == "id":
+            return self.user_embedding(interaction[self.USER_ID])
+        return torch.zeros(batch, self.hidden_size, device=device)
 
     def forward(self, interaction, with_parts=False):
         seq, real = self.right_align(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])

@@ -9,21 +9,31 @@ sequences (every position in one pass), plus the Relevance-aware Meta Recall Net
 that turns a single-domain user's LLM "pseudo items" into real items of the other domain
 and inserts them into the user's sequence as context.
 
+Backbone (``backbone``): ``public`` (default), the SASRec of the public code
+(:class:`~recbole_cdsr.model.layers.PublicSASRecEncoder`); ``recbole``, RecBole's SASRec
+layers (:class:`~recbole_cdsr.model.layers.CausalSeqEncoder`). The backbone-only ablation
+uses the same backbone.
+
 Recall, for single-domain users of domain D with pseudo-item text embeddings G [K, d_text]
 (D' is the other domain), all batched:
   G' = G W_{D'}^T (frozen projection from stage 2); weights = masked softmax over the K rows
   of pooler_{D'}(G') (Linear(hidden -> 1), zero-initialised: pooling starts as a mean);
   g = sum_k weights_k G'_k; the top-``recall_k`` items of D' by cosine between g and the
-  pre-trained embeddings E_{D'} (stage 2) are inserted at uniformly random positions of the
-  sequence. At an inserted position the input embedding is the backbone's current
-  embedding of the item plus a straight-through term ``(g - stopgrad(g)) / k``: its value
-  is zero, and the gradient reaching the k inserted embeddings flows back to g as their
-  mean (top-k itself is not differentiable). Inserted items are context only: no loss has
-  an inserted item as its target. Sequences keep their last ``MAX_ITEM_LIST_LENGTH`` inputs.
+  pre-trained embeddings E_{D'} (stage 2). Each recalled item is inserted before one of the
+  n real items of the user's sequence, chosen uniformly (never after the last one; items
+  that land in the same gap keep their recall order). At an inserted position the input
+  embedding is the backbone's current embedding of the item plus a straight-through term
+  ``(g - stopgrad(g)) / k``: its value is zero, and the gradient reaching the k inserted
+  embeddings flows back to g as their mean (top-k itself is not differentiable). Inserted
+  items are context only: no loss has an inserted item as its target. Sequences keep their
+  last ``MAX_ITEM_LIST_LENGTH`` inputs.
 
 Loss: BCE with one negative per position, drawn from the positive item's own domain and
-not in the user's sequence. The bilevel meta step that trains the poolers lives in
-:class:`recbole_cdsr.trainer.llmcdsr.LLMCDSRTrainer`.
+not in the user's sequence; ONE mean over every real target position of the rows it is
+given. A training step concatenates the original batch and the augmented batch, so the
+loss is (sum over original positions + sum over augmented positions) / (their count):
+augmented sequences weigh by their share of positions (:meth:`joint_mean`). The bilevel
+meta step that trains the poolers lives in :class:`recbole_cdsr.trainer.llmcdsr.LLMCDSRTrainer`.
 """
 
 import torch
@@ -33,7 +43,7 @@ from torch import nn
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
-from recbole_cdsr.model.layers import CausalSeqEncoder, bucketed_bce, plan_length_buckets
+from recbole_cdsr.model.layers import build_backbone, bucketed_bce, plan_length_buckets
 
 MODES = ("full", "backbone_only", "random_recall", "no_meta")
 
@@ -54,10 +64,12 @@ class LLMCDSR(SequentialRecommender):
         if not isinstance(self.length_buckets, int) or self.length_buckets < 1:
             raise ValueError(f"length_buckets must be an int >= 1, got {self.length_buckets!r}")
         self.bucket_overhead = 512  # positions: the fixed cost of one more encoder pass
-        self.backbone = CausalSeqEncoder(
-            self.n_items, self.hidden_size, self.max_seq_length, config["n_layers"], config["n_heads"],
-            config["inner_size"], config["hidden_dropout_prob"], config["attn_dropout_prob"],
-            config["hidden_act"], config["layer_norm_eps"], config["initializer_range"],
+        self.backbone_kind = config["backbone"]
+        self.backbone = build_backbone(
+            self.backbone_kind, self.n_items, self.hidden_size, self.max_seq_length, config["n_layers"],
+            config["n_heads"], config["hidden_dropout_prob"], attn_dropout=config["attn_dropout_prob"],
+            inner_size=config["inner_size"], hidden_act=config["hidden_act"],
+            layer_norm_eps=config["layer_norm_eps"], initializer_range=config["initializer_range"],
         )
         # domains of the joint item space
         item_domain = torch.as_tensor(dataset.item_domain, dtype=torch.long)
@@ -127,11 +139,14 @@ class LLMCDSR(SequentialRecommender):
         extra = None if extra is None else extra[:, :n]
         return inputs[:, :n], targets[:, :n], target_ok[:, :n], extra
 
-    def seq_loss(self, net, inputs, targets, target_ok, extra=None, neg=None, return_items=False):
-        """BCE over positions whose target is real. ``net``: the backbone (or a functional copy);
-        ``extra`` [B, L, H] is added to the input embeddings; ``neg``: negatives drawn
-        beforehand (see :meth:`loss_plan`). With ``return_items`` also the item ids whose
-        embeddings the loss reads.
+    def seq_loss(self, net, inputs, targets, target_ok, extra=None, neg=None, return_items=False,
+                 detach_inputs=False):
+        """BCE over positions whose target is real, as ``(sum, count)``: divide by the count
+        of every part of a step (:meth:`joint_mean`). ``net``: the backbone (or a functional
+        copy); ``extra`` [B, L, H] is added to the input embeddings; ``neg``: negatives drawn
+        beforehand (see :meth:`loss_plan`); ``detach_inputs``: the input embeddings carry no
+        gradient into the item table (targets and negatives still do). With
+        ``return_items`` also the item ids whose embeddings the loss reads.
 
         Rows run in up to ``length_buckets`` groups of similar length, each trimmed to its own
         longest row (:func:`plan_length_buckets`): rows never interact in the causal encoder,
@@ -145,17 +160,31 @@ class LLMCDSR(SequentialRecommender):
             groups = plan_length_buckets((inputs > 0).sum(1), self.length_buckets, self.bucket_overhead)
         else:
             groups = [(None, inputs.size(1))]
-        total, _ = bucketed_bce(net, net.item_embedding, inputs, targets, neg, mask, groups, extra)
-        loss = total / mask.sum().clamp(min=1)
+        total, count = bucketed_bce(net, net.item_embedding, inputs, targets, neg, mask, groups, extra,
+                                    detach_inputs=detach_inputs)
+        out = (total, mask.sum())
         if return_items:
-            return loss, torch.cat([inputs.reshape(-1), targets.reshape(-1), neg.reshape(-1)])
-        return loss
+            return out + (torch.cat([inputs.reshape(-1), targets.reshape(-1), neg.reshape(-1)]),)
+        return out
 
-    def calculate_loss(self, interaction, net=None, neg=None):
+    @staticmethod
+    def joint_mean(*parts):
+        """One mean over the positions of every ``(sum, count)`` part (the public code
+        concatenates the original and the augmented batch and takes one mean)."""
+        total = sum(p[0] for p in parts)
+        count = sum(p[1] for p in parts)
+        return total / torch.as_tensor(count).clamp(min=1)
+
+    def orig_loss(self, interaction, net=None, neg=None):
+        """``(sum, count)`` of the BCE of the batch's own sequences."""
         net = self.backbone if net is None else net
         seq = self.whole_sequence(interaction)
         inputs, targets = seq[:, :-1], seq[:, 1:]
         return self.seq_loss(net, inputs, targets, targets > 0, neg=neg)
+
+    def calculate_loss(self, interaction, net=None, neg=None):
+        """Mean BCE of the batch's own sequences (the trainer adds the augmented batch)."""
+        return self.joint_mean(self.orig_loss(interaction, net, neg))
 
     def loss_plan(self, interaction):
         """Draw the negatives of ``calculate_loss(interaction)`` now (the same random draws
@@ -177,7 +206,7 @@ class LLMCDSR(SequentialRecommender):
         other = 1 - own
         B = len(uid)
         ids = torch.zeros(B, self.recall_k, dtype=torch.long, device=uid.device)
-        g_all = torch.zeros(B, self.hidden_size, device=uid.device)
+        g_all = torch.zeros(B, self.hidden_size, device=uid.device, dtype=self.pseudo_emb.dtype)
         idx = self.pseudo_index[uid]  # [B, K]
         valid = idx > 0
         for d in range(len(self.domain_names)):
@@ -212,12 +241,14 @@ class LLMCDSR(SequentialRecommender):
         k = self.recall_k
         ids, g = self.recall(interaction, with_grad=with_grad)
         real_len = (seq > 0).sum(1)  # history + target
-        # sort keys: real item j -> j; inserted item -> gap in [0, n] minus 0.5 (+ jitter)
+        # sort keys: real item j -> j; an inserted item goes before the real item j chosen
+        # uniformly among the n real items (never after the last one), and the items of one
+        # gap keep their recall order: key j - 1 + (rank + 1) / (k + 1)
         dev = seq.device
         real_key = torch.arange(S, device=dev).float().expand(B, S).clone()
         real_key[seq == 0] = float("inf")
-        gap = torch.floor(torch.rand(B, k, device=dev) * (real_len.unsqueeze(1) + 1).float())
-        ins_key = gap - 0.5 + torch.rand(B, k, device=dev) * 1e-3
+        gap = torch.floor(torch.rand(B, k, device=dev) * real_len.unsqueeze(1).float())
+        ins_key = gap - 1.0 + (torch.arange(k, device=dev).float() + 1.0) / (k + 1)
         keys = torch.cat([real_key, ins_key], dim=1)
         order = keys.argsort(dim=1, stable=True)
         items = torch.cat([seq, ids], dim=1).gather(1, order)
@@ -237,10 +268,12 @@ class LLMCDSR(SequentialRecommender):
         extra = st * inserted[:, :-1].unsqueeze(-1).float()
         return inputs, targets, target_ok, extra, inserted[:, :-1]
 
-    def aug_loss(self, interaction, net=None, with_grad=True, return_items=False):
+    def aug_loss(self, interaction, net=None, with_grad=True, return_items=False, detach_inputs=False):
+        """``(sum, count)`` of the BCE of the augmented sequences of ``interaction``."""
         net = self.backbone if net is None else net
         inputs, targets, ok, extra, _ = self.augmented(interaction, net, with_grad)
-        return self.seq_loss(net, inputs, targets, ok, extra=extra, return_items=return_items)
+        return self.seq_loss(net, inputs, targets, ok, extra=extra, return_items=return_items,
+                             detach_inputs=detach_inputs)
 
     # -- scoring ----------------------------------------------------------------------
     def _last_hidden(self, interaction):

@@ -5,10 +5,13 @@ D-only subsequence of every overlapped training user; the last item of each sequ
 held out for validation), and a projection ``W_D = Linear(d_text -> hidden, no bias)``.
 
     loss = next-item BCE (one negative per position, from D, not in the sequence)
-         + infonce_weight x InfoNCE(W_D T_D[i], E_D[i]) over the unique items of the batch
-           (symmetric, in-batch negatives, temperature ``tau``)
+         + infonce_weight x NT-Xent(W_D T_D[i], E_D[i]) over the distinct items of the batch
+           (inputs, targets and negatives), see :func:`nt_xent`
 
-Early stopping on validation HR@10 (full ranking over D, pessimistic ties). Outputs, per
+The encoder is the backbone LLMCDSR trains with (``backbone``: ``public``, the public
+code's SASRec, or ``recbole``); the projection is xavier-normal initialised, Adam has betas
+(0.9, 0.98), as in the public pre-training script. Early stopping on validation HR@10
+(full ranking over D, pessimistic ties). Outputs, per
 domain, written next to the dataset with a manifest: ``E_D`` (collaborative item embeddings,
 rows in the ``.item`` order of D's items, padding dropped) and ``W_D`` (``proj`` [hidden,
 d_text]). They map the text space of stage 1 into each domain's collaborative space.
@@ -26,14 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbole_cdsr.model.layers import CausalSeqEncoder, bucketed_bce, plan_length_buckets
+from recbole_cdsr.model.layers import bucketed_bce, build_backbone, plan_length_buckets
 from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_file
 
 logger = logging.getLogger(__name__)
 
-PRETRAIN_FORMAT_VERSION = 5  # 2: vectorised negatives; 3: FastDropout; 4: padding columns dropped (random streams differ); F.gelu is the same function; 5: length buckets, fused Adam (random streams differ)
+PRETRAIN_FORMAT_VERSION = 6  # 2: vectorised negatives; 3: FastDropout; 4: padding columns dropped (random streams differ); F.gelu is the same function; 5: length buckets, fused Adam (random streams differ); 6: the public code's NT-Xent, backbone, init, betas, validation users
 
 DEFAULTS = {
+    "backbone": "public",
     "hidden_size": 64,
     "n_layers": 2,
     "n_heads": 1,
@@ -46,10 +50,27 @@ DEFAULTS = {
     "patience": 10,
     "infonce_weight": 0.1,
     "tau": 1.0,
+    "adam_betas": [0.9, 0.98],
     "seed": 2020,
 }
 LENGTH_BUCKETS = 3  # rows of a batch run in up to this many groups of similar length (exact, see losses)
 BUCKET_OVERHEAD = 512  # positions: the fixed cost of one more encoder pass
+
+
+def nt_xent(a, b, tau=1.0):
+    """NT-Xent between two views of the same n items, as the public pre-training code
+    computes it: logits are raw dot products over ``tau`` (no cosine). Row i of ``a`` is
+    scored against every row of ``b`` (``b_i`` is its positive) and every other row of ``a``
+    (same-view negatives, itself excluded); likewise each row of ``b``. One cross-entropy
+    averaged over the 2n rows."""
+    n = a.size(0)
+    eye = torch.eye(n, dtype=torch.bool, device=a.device)
+    ab = a @ b.t() / tau
+    aa = (a @ a.t() / tau).masked_fill(eye, float("-inf"))
+    bb = (b @ b.t() / tau).masked_fill(eye, float("-inf"))
+    logits = torch.cat([torch.cat([ab, aa], dim=1), torch.cat([bb, ab.t()], dim=1)], dim=0)
+    labels = torch.arange(2 * n, device=a.device)
+    return F.cross_entropy(logits, labels)
 
 
 def domain_sequences(train_seqs, item_domain, item_index, domain):
@@ -75,11 +96,12 @@ class CollabTextPretrainer(nn.Module):
     def __init__(self, n_items, d_text, hp):
         super().__init__()
         self.n_items = n_items  # including padding row 0
-        self.enc = CausalSeqEncoder(
-            n_items, hp["hidden_size"], hp["max_len"], hp["n_layers"], hp["n_heads"],
-            hp["inner_size"], hp["dropout"], hp["dropout"],
+        self.enc = build_backbone(
+            hp["backbone"], n_items, hp["hidden_size"], hp["max_len"], hp["n_layers"], hp["n_heads"],
+            hp["dropout"], inner_size=hp["inner_size"],
         )
         self.proj = nn.Linear(d_text, hp["hidden_size"], bias=False)
+        nn.init.xavier_normal_(self.proj.weight)
         self.tau = hp["tau"]
         self.w = hp["infonce_weight"]
 
@@ -98,12 +120,9 @@ class CollabTextPretrainer(nn.Module):
         emb = self.enc.item_embedding
         total, count = bucketed_bce(self.enc, emb, inp, pos, neg, (pos > 0).float(), groups)
         bce = total / torch.as_tensor(count).clamp(min=1)
-        items = torch.unique(torch.cat([inp[inp > 0], pos[pos > 0]]))
-        a = F.normalize(self.proj(text[items]), dim=-1)
-        b = F.normalize(emb(items), dim=-1)
-        logits = a @ b.t() / self.tau
-        lbl = torch.arange(len(items), device=logits.device)
-        nce = 0.5 * (F.cross_entropy(logits, lbl) + F.cross_entropy(logits.t(), lbl))
+        both = torch.cat([inp.reshape(-1), pos.reshape(-1), neg.reshape(-1)])
+        items = torch.unique(both[both > 0])
+        nce = nt_xent(self.proj(text[items]), emb(items), self.tau)
         return bce, nce
 
     @torch.no_grad()
@@ -145,15 +164,17 @@ def pretrain_domain(seqs, text, hp=None, device="cpu", log=None):
     n = text.shape[0]
     model = CollabTextPretrainer(n, text.shape[1], hp).to(device)
     text = torch.as_tensor(text, dtype=torch.float32, device=device)
-    # training part: all but the held-out last item; validation: predict the last item
+    # training part: all but the held-out last item (sequences of 3 or more give a target);
+    # validation: predict the last item from the others (every sequence of 2 or more)
     train = [s[:-1] for s in seqs if len(s) >= 3]
-    val_hist = _pad([s[:-1] for s in seqs if len(s) >= 3], hp["max_len"]).to(device)
-    val_tgt = torch.tensor([s[-1] for s in seqs if len(s) >= 3], device=device)
+    val_hist = _pad([s[:-1] for s in seqs if len(s) >= 2], hp["max_len"]).to(device)
+    val_tgt = torch.tensor([s[-1] for s in seqs if len(s) >= 2], device=device)
     full = _pad(train, hp["max_len"] + 1)
     inp, pos = full[:, :-1].clone(), full[:, 1:].clone()
     # a sequence that fits keeps its first item as input only (targets start at item 2)
     # fused: one kernel over each weight (CPU and CUDA), 3 ms instead of ~20 for a Kitchen table
-    opt = torch.optim.Adam(model.parameters(), lr=hp["learning_rate"], fused=torch.device(device).type in ("cpu", "cuda"))
+    opt = torch.optim.Adam(model.parameters(), lr=hp["learning_rate"], betas=tuple(hp["adam_betas"]),
+                           fused=torch.device(device).type in ("cpu", "cuda"))
     best, best_state, best_epoch, stale, times = -1.0, None, -1, 0, []
     whole = np.zeros((len(train), max(len(s) for s in train)), dtype=np.int64)  # every item of each sequence
     for i, s_ in enumerate(train):
@@ -206,6 +227,7 @@ def pretrain_dataset(dataset_dir, name, encoder, train_seqs, item_tokens, item_d
     item tokens of every training user (history then last item).
     Returns ``{domain: {"item_emb", "proj", "item_tokens"}}``."""
     hp = dict(DEFAULTS, **(hp or {}))
+    hp["adam_betas"] = [float(b) for b in hp["adam_betas"]]  # as it reads back from the manifest
     seq_digest = hashlib.sha256("\n".join(" ".join(s) for s in train_seqs).encode()).hexdigest()
     ident = {
         "format_version": PRETRAIN_FORMAT_VERSION,

@@ -4,21 +4,33 @@ Every training batch (``meta_interval`` = 1 in the paper):
 
 1. Meta step (every ``meta_interval`` batches, skipped in modes ``no_meta``,
    ``random_recall`` and ``backbone_only``): a functional copy ("shadow") of the backbone
-   takes one differentiable inner step (``meta_inner_optimizer``: sgd or adam,
-   ``meta_inner_lr``) on the loss of [original batch + augmented batch of
-   ``aug_batch_size`` single-domain users built by the recall network]; the plain BCE loss
-   of the updated shadow on ``meta_batch_size`` overlapped users is back-propagated through
-   the inner step into the poolers, which Adam (``meta_lr``) updates. The backbone's own
-   weights are not changed by this step (``copy_initial_weights=True``).
+   takes one differentiable inner step (``meta_inner_optimizer``, ``meta_inner_lr``) on the
+   loss of [original batch + augmented batch of ``aug_batch_size`` single-domain users built
+   by the recall network], one mean over all their target positions; the plain BCE loss of
+   the updated shadow on ``meta_batch_size`` overlapped users is back-propagated through
+   the inner step into the poolers, which Adam (``meta_lr``, betas ``adam_betas``) updates.
+   As in the public code, the augmented sequences' input embeddings enter the inner loss
+   from outside the shadow: the inner step gets no gradient into the item table from them
+   (``meta_inner_aug_input_grad: True`` gives it one). The backbone's own weights are not
+   changed by this step.
 2. Main step: the backbone trains on [original batch + augmented batch] with the current
-   recall network (no gradient into the poolers).
+   recall network (no gradient into the poolers), one mean over all target positions.
 
-Inner Adam state: the shadow's Adam starts from the *backbone's own Adam state* (moments and
-step count of the optimiser that trains the backbone, which steps every batch), so the inner
-step is the step the backbone's optimiser would take. The public code builds the inner
-optimiser from a separate Adam that never steps, so each of its inner steps is a first Adam
-step (bias-corrected moments of a single gradient); ``meta_inner_optimizer: sgd`` avoids the
-question entirely.
+Inner optimiser (``meta_inner_optimizer``):
+
+``adam`` (default)
+    the shadow's Adam starts from the *backbone's own Adam state* (moments and step count of
+    the optimiser that trains the backbone, which steps every batch), so the inner step is
+    the step the backbone's optimiser would take.
+``adam_fresh``
+    the public code's behaviour: its inner optimiser loads the state of an Adam that never
+    steps, so every inner step is a first Adam step (bias-corrected moments of a single
+    gradient, ``lr * g / (|g| + eps)``).
+``sgd``
+    a plain gradient step.
+
+The main step reuses the original batch's gradient from the meta step (same weights, same
+batch; ``meta_reuse_orig_grad: False`` recomputes it with fresh dropout, as the public code).
 """
 
 import math
@@ -94,8 +106,10 @@ class LLMCDSRTrainer(CDSRTrainer):
         self.mode = model.mode
         self.meta_interval = config["meta_interval"]
         self.inner_kind = config["meta_inner_optimizer"]
-        if self.inner_kind not in ("sgd", "adam"):
-            raise ValueError(f"meta_inner_optimizer must be sgd or adam, got {self.inner_kind!r}")
+        if self.inner_kind not in ("sgd", "adam", "adam_fresh"):
+            raise ValueError(f"meta_inner_optimizer must be adam, adam_fresh or sgd, got {self.inner_kind!r}")
+        self.inner_aug_input_grad = bool(config["meta_inner_aug_input_grad"])
+        self.reuse_orig_grad = bool(config["meta_reuse_orig_grad"])
         self.inner_lr = config["meta_inner_lr"]
         betas = tuple(config["adam_betas"])
         # fused: one kernel over each weight instead of ~10 element-wise passes; on CPU the
@@ -104,7 +118,7 @@ class LLMCDSRTrainer(CDSRTrainer):
             model.backbone.parameters(), lr=config["learning_rate"], betas=betas, weight_decay=config["weight_decay"],
             fused=config["device"].type in ("cpu", "cuda"),
         )
-        self.meta_optimizer = torch.optim.Adam(model.poolers.parameters(), lr=config["meta_lr"])
+        self.meta_optimizer = torch.optim.Adam(model.poolers.parameters(), lr=config["meta_lr"], betas=betas)
         self.aug_batch_size = config["aug_batch_size"]
         self.meta_batch_size = config["meta_batch_size"]
         self.use_aug = self.mode != "backbone_only"
@@ -151,47 +165,51 @@ class LLMCDSRTrainer(CDSRTrainer):
     def meta_step(self, batch, aug_batch, meta_batch):
         """One bilevel update of the poolers.
 
-        The inner loss is L_orig(theta) + L_aug(theta, poolers). Only L_aug depends on the
-        poolers, so only its gradient is taken with a graph (``create_graph``); the gradient
-        of L_orig is added as a constant through higher's ``grad_callback``. The item
-        embedding table (most of the backbone's weights) is updated outside higher's
-        optimiser by :meth:`_inner_embedding_step`: the same update, computed only for the
-        rows the augmented and the meta loss read (the meta loss's negatives are drawn
-        first, so those rows are known). The meta loss and the meta-gradient are exactly
-        those of differentiating the whole inner loss with higher over every weight, at a
-        fraction of the cost.
+        The inner loss is (S_orig(theta) + S_aug(theta, poolers)) / (n_orig + n_aug), sums of
+        the BCE over the target positions of the original and the augmented rows. Only
+        S_aug depends on the poolers, so only its gradient is taken with a graph
+        (``create_graph``); the gradient of S_orig is added as a constant through higher's
+        ``grad_callback``. The item embedding table (most of the backbone's weights) is
+        updated outside higher's optimiser by :meth:`_inner_embedding_step`: the same
+        update, computed only for the rows the augmented and the meta loss read (the meta
+        loss's negatives are drawn first, so those rows are known). The meta loss and the
+        meta-gradient are exactly those of differentiating the whole inner loss with higher
+        over every weight, at a fraction of the cost.
 
-        Returns ``(L_orig, grad of L_orig)`` at the current backbone weights, which the main
-        step reuses (same weights, same batch).
+        Returns ``(S_orig, n_orig, grad of S_orig)`` at the current backbone weights, which
+        the main step reuses (same weights, same batch).
         """
         model = self.model
         override = {"lr": [self.inner_lr]}
         ei = self._emb_index
         inner = self._inner_optimizer()
         self.meta_optimizer.zero_grad()
-        # grad of L_orig at the current weights (the shadow starts from them); no graph
+        # grad of S_orig at the current weights (the shadow starts from them); no graph
         weights = list(model.backbone.parameters())
-        loss_orig = model.calculate_loss(batch)
-        g_orig = list(torch.autograd.grad(loss_orig, weights, allow_unused=True))
+        s_orig, n_orig = model.orig_loss(batch)
+        g_orig = list(torch.autograd.grad(s_orig, weights, allow_unused=True))
         # the shadow's initial weights are the backbone's own tensors, never written to:
         # the meta-gradient is taken for the poolers only, so nothing flows into them
         fnet = self._shadow()
         diffopt = self._diff_optimizer(inner, fnet, override)
         params = list(fnet.fast_params)
-        loss_aug, touched = model.aug_loss(aug_batch, net=fnet, with_grad=True, return_items=True)
+        s_aug, n_aug, touched = model.aug_loss(aug_batch, net=fnet, with_grad=True, return_items=True,
+                                               detach_inputs=not self.inner_aug_input_grad)
+        count = (n_orig + n_aug).clamp(min=1)
+        g_orig_mean = [None if g is None else g / count for g in g_orig]
         kept = {}
 
         def callback(grads):
-            grads = _add_grads(grads, g_orig)
+            grads = _add_grads(grads, g_orig_mean)
             kept["emb"] = grads[ei]  # the inner optimiser does not hold this weight
             return grads
 
-        diffopt.step(loss_aug, grad_callback=callback)
+        diffopt.step(s_aug / count, grad_callback=callback)
         # the meta loss's negatives are drawn now, so the rows it reads are known
         meta_neg, meta_items = model.loss_plan(meta_batch)
         rows = torch.unique(torch.cat([touched, meta_items]))
         fast = list(fnet.fast_params)
-        fast[ei] = self._inner_embedding_step(params[ei], g_orig[ei], kept["emb"], rows[rows > 0])
+        fast[ei] = self._inner_embedding_step(params[ei], kept["emb"], rows[rows > 0])
         fnet.update_params(fast)
         meta_loss = model.calculate_loss(meta_batch, net=fnet, neg=meta_neg)
         # only the poolers' gradient: autograd skips the paths that lead to the shadow's
@@ -204,7 +222,7 @@ class LLMCDSRTrainer(CDSRTrainer):
         self.meta_optimizer.step()
         self.meta_steps += 1
         self.last_meta_loss = meta_loss.item()
-        return loss_orig.detach(), g_orig
+        return s_orig.detach(), n_orig, g_orig
 
     def _shadow(self):
         """The functional copy of the backbone (higher's ``monkeypatch``), built once and
@@ -243,6 +261,8 @@ class LLMCDSRTrainer(CDSRTrainer):
         group = self.optimizer.param_groups[0]
         view = torch.optim.Adam(params, lr=self.inner_lr, betas=group["betas"], eps=group["eps"],
                                 weight_decay=group["weight_decay"])
+        if self.inner_kind == "adam_fresh":
+            return view  # no state: a first Adam step, as the public code's inner step
         for p in params:
             if p in self.optimizer.state:
                 view.state[p] = self.optimizer.state[p]
@@ -253,14 +273,15 @@ class LLMCDSRTrainer(CDSRTrainer):
         weight = self.model.backbone.item_embedding.weight
         return next(i for i, p in enumerate(self.model.backbone.parameters()) if p is weight)
 
-    def _inner_embedding_step(self, weight, g_orig, g_full, rows):
+    def _inner_embedding_step(self, weight, g_full, rows):
         """The shadow's item-embedding table after the inner step, exact on ``rows``.
 
         ``rows`` must hold every item the augmented loss and the meta loss read. Each of them
         moves as higher's differentiable optimiser would move it (sgd: ``w - lr g``; adam:
         from the backbone optimiser's moments and step count, with higher's formula
-        ``w - lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``), where ``g`` = grad of
-        L_orig + grad of L_aug, with a graph to the poolers. The other rows keep the
+        ``w - lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``; adam_fresh: from no
+        state, t = 1), where ``g`` = ``g_full``, the gradient of the inner loss, with a
+        graph to the poolers. The other rows keep the
         backbone's values: nothing after this step reads them, so the meta loss and its
         gradient are those of updating the whole table.
         """
@@ -274,7 +295,8 @@ class LLMCDSRTrainer(CDSRTrainer):
         eps, wd = group["eps"], group["weight_decay"]
         if group.get("amsgrad"):
             raise ValueError("the inner embedding step does not implement amsgrad")
-        state = self.optimizer.state.get(self.model.backbone.item_embedding.weight) or {}
+        state = {} if self.inner_kind == "adam_fresh" else (
+            self.optimizer.state.get(self.model.backbone.item_embedding.weight) or {})
         t = float(state["step"]) + 1 if "step" in state else 1.0
         size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
         m0, v0 = state.get("exp_avg"), state.get("exp_avg_sq")
@@ -286,6 +308,33 @@ class LLMCDSRTrainer(CDSRTrainer):
         zero = v == 0  # as higher: no gradient through sqrt at 0 (there m = 0 and the row stays)
         root = torch.where(zero, 0.0, torch.where(zero, 1.0, v).sqrt())
         return w.index_put((rows,), w_r - size * m / (root + eps))
+
+    def main_step(self, batch, aug, reuse=None):
+        """Gradients of the main step's loss in the backbone's ``.grad`` (the optimiser steps
+        afterwards): ONE mean of the BCE over every target position of the original batch and
+        of the augmented batch (``aug``; None in backbone-only mode). ``reuse``: what
+        :meth:`meta_step` returned for this batch (the original batch's sum, count and
+        gradient at the current weights). Returns the loss (detached)."""
+        model = self.model
+        self.optimizer.zero_grad()
+        if reuse is None or not self.reuse_orig_grad:
+            parts = [model.orig_loss(batch)]
+            if aug is not None:
+                parts.append(model.aug_loss(aug, with_grad=False))
+            loss = model.joint_mean(*parts)
+            self._check_nan(loss)
+            loss.backward()
+            return loss.detach()
+        s_orig, n_orig, g_orig = reuse
+        s_aug, n_aug = model.aug_loss(aug, with_grad=False)
+        count = (n_orig + n_aug).clamp(min=1)
+        loss_aug = s_aug / count
+        self._check_nan(loss_aug)
+        loss_aug.backward()
+        for p, g in zip(model.backbone.parameters(), g_orig):
+            if g is not None:
+                p.grad = g / count if p.grad is None else p.grad + g / count
+        return loss_aug.detach() + s_orig / count
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if self._aug_iter is None and (self.use_aug or self.use_meta):
@@ -308,23 +357,7 @@ class LLMCDSRTrainer(CDSRTrainer):
             reuse = None
             if self.use_meta and step % self.meta_interval == 0:
                 reuse = self.meta_step(batch, aug, next(self._meta_iter).to(self.device))
-            self.optimizer.zero_grad()
-            if reuse is None:
-                loss = self.model.calculate_loss(batch)
-                if aug is not None:
-                    loss = loss + self.model.aug_loss(aug, with_grad=False)
-                self._check_nan(loss)
-                loss.backward()
-            else:
-                # main step: grad of L_orig at these weights was computed in the meta step
-                loss_orig, g_orig = reuse
-                loss_aug = self.model.aug_loss(aug, with_grad=False)
-                self._check_nan(loss_aug)
-                loss_aug.backward()
-                for p, g in zip(self.model.backbone.parameters(), g_orig):
-                    if g is not None:
-                        p.grad = g.clone() if p.grad is None else p.grad + g
-                loss = loss_orig + loss_aug.detach()
+            loss = self.main_step(batch, aug, reuse)
             if self.clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.model.backbone.parameters(), **self.clip_grad_norm)
             self.optimizer.step()

@@ -9,8 +9,11 @@ Model selection (``model_selection``):
 ``per_domain`` (the LLMCDSR paper's way)
     one early stopper per domain on ``<domain>/<valid_metric>``; each domain's test figures
     come from that domain's best epoch (two checkpoints). Training stops when no domain has
-    improved for ``stopping_step`` evaluations. ``overall`` figures combine the instances
-    of each domain ranked by that domain's checkpoint.
+    improved for ``stopping_step`` evaluations. With ``freeze_stopped_domains`` (default,
+    as the public LLMCDSR code's early stoppers) a domain that has stopped keeps its best
+    epoch while the other domain trains on; otherwise it may still take a later, better
+    epoch. ``overall`` figures combine the instances of each domain ranked by that domain's
+    checkpoint.
 ``joint``
     one checkpoint, best on ``overall/<valid_metric>`` (or on a full key such as
     ``B/ndcg@10``).
@@ -37,6 +40,7 @@ class CDSRTrainer(Trainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.selection = config["model_selection"]
+        self.freeze_stopped = bool(config["freeze_stopped_domains"])
         self.steps_per_epoch = config["steps_per_epoch"]
         self.raw_valid_metric = config["valid_metric"]
         self.protocol = None
@@ -173,6 +177,8 @@ class CDSRTrainer(Trainer):
                         f"valid_metric {self.raw_valid_metric!r} gives key {key!r}, not among "
                         f"the results ({', '.join(list(result)[:6])}, ...)"
                     )
+                if self.freeze_stopped and stale[k] >= self.stopping_step:
+                    continue  # this domain has early-stopped: its best epoch stays
                 if result[key] > best[k]:
                     best[k], stale[k] = result[key], 0
                     self._keep_best(k, epoch_idx, result[key], saved)
