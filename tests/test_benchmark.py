@@ -197,6 +197,40 @@ def test_readme_markers_get_the_main_tables_of_the_leaderboard(tmp_path, syn_dat
         load_benchmark(write_spec(tmp_path, syn_data, readme="nowhere.md"))
 
 
+def test_named_readme_markers_and_validation_curves(tmp_path, syn_data):
+    """A benchmark named ``head`` writes into ``leaderboard:head/<dataset>`` markers when the
+    README has them (another benchmark's ``leaderboard:<dataset>`` block is left alone), and
+    every benchmark draws each run's validation HR@10 per epoch."""
+    import matplotlib.image
+
+    from recbole_cdsr.benchmark.leaderboard import valid_curves
+    from recbole_cdsr.benchmark.spec import load_benchmark as load
+
+    readme = tmp_path / "README.md"
+    text = ("<!-- leaderboard:tiny-cdsr:start -->\nmain table\n<!-- leaderboard:tiny-cdsr:end -->\n\n"
+            "<!-- leaderboard:head/tiny-cdsr:start -->\nold\n<!-- leaderboard:head/tiny-cdsr:end -->\n")
+    readme.write_text(text)
+    path = write_spec(tmp_path, syn_data, name="head", models=["GRU4Rec"], seeds=[1], readme="README.md",
+                      isolate_runs=False, budget={"epochs": 3})
+    out = run_benchmark(path)
+    new = readme.read_text()
+    assert new.startswith("<!-- leaderboard:tiny-cdsr:start -->\nmain table\n") and "\nold\n" not in new
+    assert "| GRU4Rec |" in new.split("<!-- leaderboard:head/tiny-cdsr:start -->")[1]
+    line = read_lines(out["results_file"])[0]
+    hist = line["valid_history"]
+    assert [h["epoch"] for h in hist] == [0, 1, 2]
+    curves = valid_curves(load(path), {"GRU4Rec": [line]})
+    assert set(curves) == {("sampled", "A"), ("sampled", "B"), ("full", "A"), ("full", "B")}
+    assert curves[("sampled", "B")][("GRU4Rec", 1)] == [(h["epoch"], h["result"]["B/hit@10"]) for h in hist]
+    assert curves[("full", "A")][("GRU4Rec", 1)] == [(h["epoch"], h["result"]["full:A/hit@10"]) for h in hist]
+    png = tmp_path / "out" / "valid-curves-tiny-cdsr.png"
+    img = matplotlib.image.imread(str(png))
+    assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500 and img.std() > 0.01
+    readme.write_text("<!-- leaderboard:tiny-cdsr:start -->\nx\n<!-- leaderboard:tiny-cdsr:end -->\n")
+    run_benchmark(path)  # no named markers: the dataset's own markers, as before
+    assert "| GRU4Rec |" in readme.read_text()
+
+
 def test_leaderboard_means_stds_and_paired_test_match_a_hand_computation(tmp_path, syn_data):
     from scipy import stats
 

@@ -1,4 +1,5 @@
-"""Leaderboards from ``results.jsonl``: Markdown, CSV and a PNG chart per dataset.
+"""Leaderboards from ``results.jsonl``: Markdown, CSV and a PNG chart per dataset, and a
+PNG of every run's validation curves (``valid-curves-<dataset>.png``).
 
 For each dataset, protocol, domain and metric: mean and sample standard deviation
 (``ddof=1``; one seed gives no std) over the seeds of each model; seconds per training
@@ -265,6 +266,67 @@ def plot_png(spec, dataset, rows, path):
     return path
 
 
+def valid_curves(spec, by_name, metric="hit@10"):
+    """``{(protocol, domain): {(name, seed): [(epoch, value), ...]}}``: every run's
+    validation ``<domain>/<metric>`` at each evaluation (``valid_history`` of its line)."""
+    out = OrderedDict()
+    for i, protocol in enumerate(spec.protocols):
+        prefix = "" if i == 0 else f"{protocol}:"
+        for name, lines in by_name.items():
+            for ln in lines:
+                for h in ln.get("valid_history") or []:
+                    for key, value in h["result"].items():
+                        head, _, m = key.rpartition("/")
+                        if m != metric or not head.startswith(prefix) or (prefix == "" and ":" in head):
+                            continue
+                        dom = head[len(prefix):]
+                        if dom == "overall":
+                            continue
+                        out.setdefault((protocol, dom), OrderedDict()).setdefault(
+                            (name, ln["seed"]), []).append((h["epoch"], value))
+    return out
+
+
+def plot_valid_curves(spec, dataset, by_name, path, metric="hit@10"):
+    """Validation ``metric`` per epoch of every run: one panel per protocol and domain, a
+    colour per model, a line style per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = valid_curves(spec, by_name, metric)
+    panels = list(curves)
+    if not panels:
+        return None
+    domains = sorted({d for _, d in panels})
+    fig, axes = plt.subplots(len(spec.protocols), len(domains), squeeze=False,
+                             figsize=(5.2 * len(domains), 3.4 * len(spec.protocols)))
+    names = list(by_name)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    seeds = list(spec.seeds)
+    for i, protocol in enumerate(spec.protocols):
+        for j, dom in enumerate(domains):
+            ax = axes[i][j]
+            for (name, seed), pts in (curves.get((protocol, dom)) or {}).items():
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, styles[seeds.index(seed) % len(styles)] if seed in seeds else "-",
+                        color=colours[names.index(name) % len(colours)], lw=1.3,
+                        label=name if len(seeds) == 1 else f"{name} (seed {seed})")
+            ax.set_title(f"{dataset}: validation {LABEL.get(metric, metric)}, domain {dom} ({protocol})", fontsize=9)
+            ax.set_xlabel("epoch", fontsize=8)
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def write_leaderboards(spec, runs, lines, out_dir=None):
     """Write ``leaderboard-<dataset>.{md,csv,png}``; return ``{dataset: {kind: path}}``."""
     out_dir = out_dir or spec.output_dir
@@ -280,17 +342,24 @@ def write_leaderboards(spec, runs, lines, out_dir=None):
         atomic_write_bytes(base + ".md", md.encode())
         atomic_write_bytes(base + ".csv", to_csv(rows).encode())
         plot_png(spec, ds, rows, base + ".png")
-        reports[ds] = {"markdown": base + ".md", "csv": base + ".csv", "png": base + ".png", "rows": rows}
+        curves = os.path.join(out_dir, f"valid-curves-{ds}.png")
+        plot_valid_curves(spec, ds, by_name, curves)
+        reports[ds] = {"markdown": base + ".md", "csv": base + ".csv", "png": base + ".png", "rows": rows,
+                       "curves": curves}
         if spec.readme:
             link = os.path.relpath(base + ".md", os.path.dirname(spec.readme)).replace(os.sep, "/")
-            update_readme(spec.readme, ds, readme_block(spec, ds, rows, by_name, link))
+            update_readme(spec.readme, ds, readme_block(spec, ds, rows, by_name, link), name=spec.name)
             reports[ds]["readme"] = spec.readme
     return reports
 
 
 # -- the README's copy --------------------------------------------------------------------
-def readme_markers(dataset):
-    return f"<!-- leaderboard:{dataset}:start -->", f"<!-- leaderboard:{dataset}:end -->"
+def readme_markers(dataset, name=None):
+    """The README lines between which a dataset's tables go: ``leaderboard:<dataset>``, or
+    with ``name`` (a benchmark's name) ``leaderboard:<name>/<dataset>``, so that two
+    benchmarks of one dataset can each have their place in one README."""
+    tag = dataset if name is None else f"{name}/{dataset}"
+    return f"<!-- leaderboard:{tag}:start -->", f"<!-- leaderboard:{tag}:end -->"
 
 
 def readme_block(spec, dataset, rows, by_name, markdown_link):
@@ -319,22 +388,27 @@ def readme_block(spec, dataset, rows, by_name, markdown_link):
     return "\n".join(out)
 
 
-def update_readme(path, dataset, block):
-    """Put ``block`` between the dataset's markers in the README at ``path`` (atomically;
-    the file is left alone when nothing changes). Returns whether it changed."""
+def update_readme(path, dataset, block, name=None):
+    """Put ``block`` between the markers of benchmark ``name``'s dataset in the README at
+    ``path`` (``leaderboard:<name>/<dataset>`` when the README has them, else
+    ``leaderboard:<dataset>``; atomically; the file is left alone when nothing changes).
+    Returns whether it changed."""
     from recbole_cdsr.benchmark.spec import BenchmarkError
 
-    start, end = readme_markers(dataset)
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise BenchmarkError(f"readme {path}: cannot read it ({e.strerror}); fix the benchmark's readme key") from None
+    start, end = readme_markers(dataset, name)
+    if name is None or text.find(start) < 0:
+        start, end = readme_markers(dataset)
     i, j = text.find(start), text.find(end)
     if i < 0 or j < i:
+        named = "" if name is None else " (or '{}' ... '{}')".format(*readme_markers(dataset, name))
         raise BenchmarkError(
-            f"readme {path}: no '{start}' ... '{end}' markers (in that order); put them, each on its own "
-            "line, where this leaderboard goes"
+            f"readme {path}: no '{start}' ... '{end}' markers{named} (in that order); put them, each on its "
+            "own line, where this leaderboard goes"
         )
     new = text[: i + len(start)] + "\n" + block + text[j:]
     if new == text:
