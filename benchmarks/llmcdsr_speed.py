@@ -1,6 +1,6 @@
 """Seconds per training step and epoch of LLMCDSR vs its backbone-only ablation.
 
-    python benchmarks/llmcdsr_speed.py --data_path dataset [--steps 30] [--pretrain_epochs 200] [--meta_interval 1] [--lower_bound]
+    python benchmarks/llmcdsr_speed.py --data_path dataset [--steps 30] [--pretrain_epochs 200] [--meta_interval 1] [--lower_bound] [--backbone public|recbole] [--pretrain_seed 2020]
 
 Both run in the same process on the same data with the paper's defaults (batch 128, aug
 batch 32, meta batch 128, meta_interval 1, k = 10). Stages 1-2 are prepared (or reused)
@@ -25,6 +25,9 @@ def main():
     ap.add_argument("--steps", type=int, default=30, help="timed steps per variant (0: a whole epoch)")
     ap.add_argument("--pretrain_epochs", type=int, default=200)
     ap.add_argument("--meta_interval", type=int, default=1, help="a meta step every N batches (paper: 1)")
+    ap.add_argument("--backbone", default="public", choices=["public", "recbole"], help="LLMCDSR's backbone")
+    ap.add_argument("--pretrain_seed", type=int, default=None,
+                    help="stage 2's seed (2020 reuses the pre-training of benchmarks/llmcdsr-head-to-head.yaml)")
     ap.add_argument("--use_gpu", action="store_true")
     ap.add_argument("--lower_bound", action="store_true",
                     help="also time the passes any exact meta step must make, as plain forward+backward passes")
@@ -40,7 +43,8 @@ def main():
     from recbole_cdsr.utils import tune_cpu_allocator
 
     base = {"data_path": args.data_path, "use_gpu": args.use_gpu, "show_progress": False, "state": "WARNING",
-            "pretrain_epochs": args.pretrain_epochs, "checkpoint_dir": "saved/bench"}
+            "pretrain_epochs": args.pretrain_epochs, "checkpoint_dir": "saved/bench", "backbone": args.backbone,
+            "pretrain_seed": args.pretrain_seed}
     cfg = CDSRConfig("LLMCDSR", args.dataset, config_dict=base)
     if cfg["device"].type == "cpu":
         tune_cpu_allocator()

@@ -89,6 +89,7 @@ def run_recbole_cdsr(
     verbose=True,
     evaluate_test=True,
     save_results=None,
+    report=None,
 ):
     """Train and evaluate one model on one cross-domain dataset.
 
@@ -97,6 +98,8 @@ def run_recbole_cdsr(
         evaluate_test: rank the test split; ``False`` (hyper-parameter search) never touches
             it and returns ``test_result=None``.
         save_results: write the results file (default: ``saved``).
+        report: a callable that receives one line of text per validation (epoch, training
+            time, validation scores, time left), also when ``verbose`` is False.
 
     Returns:
         dict: ``best_valid_score``, ``best_valid_result``, ``test_result`` (flat RecBole
@@ -110,12 +113,12 @@ def run_recbole_cdsr(
         torch.set_num_threads(config["num_threads"])
     try:
         return _run(config, t_start, saved, verbose, evaluate_test,
-                    saved if save_results is None else save_results)
+                    saved if save_results is None else save_results, report)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(config, t_start, saved, verbose, evaluate_test, save_results):
+def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=None):
     if config["cpu_allocator_tuning"] and getattr(config["device"], "type", "") == "cpu":
         tune_cpu_allocator()
     init_seed(config["seed"], config["reproducibility"])
@@ -146,6 +149,7 @@ def _run(config, t_start, saved, verbose, evaluate_test, save_results):
     disable_anomaly_detection()
     logger.info(net)
     trainer = get_trainer(config["model"])(config, net)
+    trainer.report = report
 
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"], verbose=verbose

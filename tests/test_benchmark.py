@@ -197,7 +197,7 @@ def test_readme_markers_get_the_main_tables_of_the_leaderboard(tmp_path, syn_dat
         load_benchmark(write_spec(tmp_path, syn_data, readme="nowhere.md"))
 
 
-def test_named_readme_markers_and_validation_curves(tmp_path, syn_data):
+def test_named_readme_markers_and_validation_curves(tmp_path, syn_data, capsys):
     """A benchmark named ``head`` writes into ``leaderboard:head/<dataset>`` markers when the
     README has them (another benchmark's ``leaderboard:<dataset>`` block is left alone), and
     every benchmark draws each run's validation HR@10 per epoch."""
@@ -219,6 +219,10 @@ def test_named_readme_markers_and_validation_curves(tmp_path, syn_data):
     line = read_lines(out["results_file"])[0]
     hist = line["valid_history"]
     assert [h["epoch"] for h in hist] == [0, 1, 2]
+    # while it ran, the run said where it stood after every validation
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"  {line['run_key']}: epoch ")]
+    assert len(said) == 3 and said[1].startswith(f"  {line['run_key']}: epoch 2/3: train ")
+    assert f"B/hit@10 {hist[1]['result']['B/hit@10']:.4f}" in said[1] and said[2].endswith("at most 0.0 min to go")
     curves = valid_curves(load(path), {"GRU4Rec": [line]})
     assert set(curves) == {("sampled", "A"), ("sampled", "B"), ("full", "A"), ("full", "B")}
     assert curves[("sampled", "B")][("GRU4Rec", 1)] == [(h["epoch"], h["result"]["B/hit@10"]) for h in hist]

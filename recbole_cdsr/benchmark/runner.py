@@ -243,6 +243,7 @@ def execute_run(run):
         out = run_recbole_cdsr(
             run["model"], run["dataset"], run["config_files"] or None, cfg,
             saved=run["save_checkpoints"], save_results=True, verbose=False,
+            report=lambda msg: print(f"  {run['run_key']}: {msg}", flush=True),
         )
         line = dict(out["results"])
         line["results_file"] = out["results_file"]

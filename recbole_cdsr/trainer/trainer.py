@@ -51,6 +51,7 @@ class CDSRTrainer(Trainer):
         self.eval_history = []  # [{"epoch", "result"}]
         self.last_ranks = None
         self.steps_done = 0
+        self.report = None  # callable(line: str) for one line per evaluation (benchmark runs)
         budget = config["train_time_budget"]
         self.time_budget_seconds = None if budget is None else float(budget) * 60.0
         self._deadline = None
@@ -193,6 +194,16 @@ class CDSRTrainer(Trainer):
                     + (f" best updated for {', '.join(improved)}" if improved else "")
                 )
                 self.logger.info(set_color("valid result", "blue") + f": {_fmt(result)}")
+            if self.report is not None:
+                done = epoch_idx + 1 - self.start_epoch
+                per = (sum(self.train_epoch_times) + sum(self.eval_times)) / max(done, 1)
+                left = max(self.epochs - epoch_idx - 1, 0) * per
+                self.report(
+                    f"epoch {epoch_idx + 1}/{self.epochs}: train {self.train_epoch_times[-1]:.1f} s, valid "
+                    + ", ".join(f"{key} {result[key]:.4f}" for key in keys.values())
+                    + (f" (best: {', '.join(improved)})" if improved else "")
+                    + f"; at most {left / 60:.1f} min to go"
+                )
             if callback_fn:
                 callback_fn(epoch_idx, sum(result[key] for key in keys.values()) / len(keys))
             if budget_spent:
