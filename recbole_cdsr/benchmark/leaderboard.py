@@ -226,6 +226,18 @@ def to_csv(rows):
     return out.getvalue()
 
 
+def _save_png(fig, path):
+    """Write a matplotlib figure to ``path`` as PNG (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def plot_png(spec, dataset, rows, path):
     """Per-domain bars with error bars (std over seeds): one panel per protocol and metric."""
     import matplotlib
@@ -258,12 +270,7 @@ def plot_png(spec, dataset, rows, path):
             ax.grid(axis="y", alpha=0.3)
             if i == 0 and j == 0:
                 ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return _save_png(fig, path)
 
 
 def valid_curves(spec, by_name, metric="hit@10"):
@@ -319,12 +326,7 @@ def plot_valid_curves(spec, dataset, by_name, path, metric="hit@10"):
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return _save_png(fig, path)
 
 
 def write_leaderboards(spec, runs, lines, out_dir=None):
