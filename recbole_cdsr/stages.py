@@ -150,7 +150,9 @@ def prepare_llmcdsr(config):
                             name_pattern=config["name_pattern"] or "lines",
                             settings={"shot": config["shot"], "seed": config["generation_seed"]},
                             batch_size=config["llm_batch_size"] if gen != "openai" else 4 * config["llm_concurrency"],
-                            show_progress=config["show_progress"])
+                            show_progress=config["show_progress"],
+                            desc="stage 1: " + ("retrieval stand-in (not an LLM)" if gen == "retrieval"
+                                                else "LLM generation"))
         records = job.run(reqs)
         failed = sum(1 for r in records.values() if r["status"] != "ok")
         with open(job.manifest) as f:
