@@ -2,7 +2,7 @@
 
     python run_recbole_cdsr.py --model=SASRec --dataset=food-kitchen
     python run_recbole_cdsr.py --model=GRU4Rec --dataset=food-kitchen --config_files=my.yaml --epochs=20
-    python run_recbole_cdsr.py --benchmark=benchmarks/food-kitchen.yaml [--executor=ray] [--models=SASRec,GRU4Rec]
+    python run_recbole_cdsr.py --benchmark=benchmarks/food-kitchen.yaml [--executor=ray] [--models=SASRec,GRU4Rec] [--jobs=2]
     python run_recbole_cdsr.py --model=SASRec --dataset=food-kitchen --tune=random --max_evals=8 --epochs=5
 
 Any other ``--key=value`` overrides a config key (highest priority, as in RecBole).
@@ -27,6 +27,8 @@ def main(argv=None):
     parser.add_argument("--ray_address", type=str, default=None, help="Ray cluster address (default: local Ray)")
     parser.add_argument("--models", type=str, default=None,
                         help="benchmark: run only these model names of the file (comma-separated)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="benchmark, local executor: runs side by side (default: the file's jobs, else 1)")
     parser.add_argument("--tune", type=str, default=None, choices=["exhaustive", "random", "bayes"],
                         help="search the model's properties/hyper/<Model>.hyper space (validation only)")
     parser.add_argument("--max_evals", type=int, default=10, help="trials of --tune")
@@ -46,7 +48,8 @@ def main(argv=None):
 
         try:
             only = [m.strip() for m in args.models.split(",") if m.strip()] if args.models is not None else None
-            out = run_benchmark(args.benchmark, executor=args.executor, ray_address=args.ray_address, only=only)
+            out = run_benchmark(args.benchmark, executor=args.executor, ray_address=args.ray_address, only=only,
+                                jobs=args.jobs)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -55,6 +58,8 @@ def main(argv=None):
                   + ", ".join(out["failed"]), file=sys.stderr)
             return 1
         return 0
+    if args.jobs is not None:
+        parser.error("--jobs sets the runs side by side of a --benchmark")
     if args.models is not None:
         parser.error("--models selects models of a --benchmark file (use --model for one run)")
     if args.tune:

@@ -29,6 +29,7 @@ interrupted run never leaves a folder that looks complete. Re-running gives iden
 """
 
 import argparse
+import contextlib
 import hashlib
 import html
 import json
@@ -38,6 +39,7 @@ import sys
 import tempfile
 import urllib.request
 
+from dataset_converters.filelock import FileLock, LockBusy
 from dataset_converters.safe_pickle import SafePickleError, restricted_load_dict
 
 CONVERTER_NAME = "llmcdsr_release"
@@ -129,6 +131,14 @@ def _read_sequences(path, lo, hi, min_len, what):
         raise ConversionError(f"{path}: cannot read ({e.strerror})") from None
     with f:
         for no, raw in enumerate(f, 1):
+            if not raw.endswith("\n"):
+                # the release ends every line with a newline: a last line without one is
+                # where a copy or download stopped, and a cut "..,1234" still parses as "..,12"
+                raise ConversionError(
+                    f"{path}, line {no}: the last line does not end with a newline, so the file "
+                    "looks cut short (an interrupted copy or download); fetch the release file "
+                    "again (or, if that line is complete, end it with a newline)"
+                )
             line = raw.rstrip("\n").rstrip("\r")
             if not line.strip():
                 raise ConversionError(f"{path}, line {no}: empty line")
@@ -283,10 +293,7 @@ def convert_llmcdsr_release(raw_dir, out_dir, name=None, allow_missing_single_do
         files[key] = (users, seqs)
 
     # Write everything into a temporary sibling folder, then rename into place.
-    os.makedirs(out_dir, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir)
-    os.chmod(tmp_dir, 0o755)
-    try:
+    with staging(out_dir, name) as tmp_dir:
         _write_outputs(tmp_dir, name, asin, n_a, text_a, text_b, files)
         for f in PROMPT_FILES:
             if os.path.isfile(p(f)):
@@ -329,10 +336,6 @@ def convert_llmcdsr_release(raw_dir, out_dir, name=None, allow_missing_single_do
             os.path.join(tmp_dir, f"{name}.manifest.json"),
             json.dumps(manifest, indent=2, sort_keys=True) + "\n",
         )
-        publish_dir(tmp_dir, out_dir, name)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     if missing:
         print(
             f"WARNING: {name} was built WITHOUT {', '.join(missing)} "
@@ -352,6 +355,58 @@ def publish_dir(tmp_dir, out_dir, name):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp_dir, final_dir)
+
+
+@contextlib.contextmanager
+def staging(out_dir, name):
+    """A temporary folder beside ``out_dir/name`` to write a dataset into, published by
+    renaming when the block ends without an error (removed when it raises).
+
+    Checks ``out_dir`` first (one clear error when it is a file or not writable), holds the
+    lock ``out_dir/.<name>.lock`` for the block (a second conversion of the same dataset into
+    the same folder stops at once) and, holding it, removes the ``.<name>.tmp-*`` and
+    ``.<name>.old-*`` folders that an interrupted conversion left behind.
+    """
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConversionError(f"output folder {out_dir} is a file: give --out a folder (RecBole's data_path)")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"cannot create the output folder {out_dir} ({e.strerror}): give --out a writable folder") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ConversionError(f"output folder {out_dir} is not writable: give --out a writable folder")
+    final = os.path.join(out_dir, name)
+    if os.path.exists(final) and not os.path.isdir(final):
+        raise ConversionError(f"{final} is a file: the dataset {name!r} needs a folder of that name there")
+    lock = FileLock(os.path.join(out_dir, f".{name}.lock"))
+    try:
+        lock.acquire()
+    except LockBusy as e:
+        raise ConversionError(
+            f"another conversion of {name!r} into {out_dir} is running"
+            + (f" ({e.holder})" if e.holder else "") + ": wait for it to end"
+        ) from None
+    except OSError as e:
+        raise ConversionError(f"cannot write into the output folder {out_dir} ({e.strerror})") from None
+    try:
+        for entry in sorted(os.listdir(out_dir)):
+            if entry.startswith((f".{name}.tmp-", f".{name}.old-")) and os.path.isdir(os.path.join(out_dir, entry)):
+                shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
+                print(f"removed {os.path.join(out_dir, entry)} (left by an interrupted conversion)", file=sys.stderr)
+        try:
+            tmp_dir = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir)
+        except OSError as e:
+            raise ConversionError(f"cannot write into the output folder {out_dir} ({e.strerror})") from None
+        os.chmod(tmp_dir, 0o755)
+        try:
+            yield tmp_dir
+            publish_dir(tmp_dir, out_dir, name)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+    finally:
+        lock.release()
 
 
 def _write_text(path, text):

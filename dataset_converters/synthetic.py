@@ -12,10 +12,8 @@ are those of ``convert_llmcdsr_release`` (``.item``, ``.user``, ``.{train,valid,
 import json
 import os
 import random
-import shutil
-import tempfile
 
-from dataset_converters.llmcdsr_release import _write_text, publish_dir, sha256_file
+from dataset_converters.llmcdsr_release import _write_text, sha256_file, staging
 
 SYNTHETIC_VERSION = 1
 
@@ -79,10 +77,7 @@ def write_synthetic_cdsr(
             users.append(f"{prefix}_{u}\t{kind}\t{split}")
             inter[split].append(f"{prefix}_{u}\t{' '.join(seq[:-1])}\t{seq[-1]}")
 
-    os.makedirs(data_path, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=data_path)
-    os.chmod(tmp_dir, 0o755)
-    try:
+    with staging(data_path, name) as tmp_dir:
         items = ["item_id:token\tdomain:token\ttitle:token_seq"]
         for dom in ("A", "B"):
             items += [f"{t}\t{dom}\tsynthetic item {t} of domain {dom}" for t in ids[dom]]
@@ -104,8 +99,4 @@ def write_synthetic_cdsr(
             "output_files_sha256": {f: sha256_file(os.path.join(tmp_dir, f)) for f in sorted(os.listdir(tmp_dir))},
         }
         _write_text(os.path.join(tmp_dir, f"{name}.manifest.json"), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        publish_dir(tmp_dir, data_path, name)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return manifest

@@ -12,11 +12,24 @@ Differences from RecBole's Config, each deliberate:
   in): the command line arrives as ``cmd_args`` (``run_recbole_cdsr.py`` passes it);
 - with ``loss_type: CE`` and no explicit ``train_neg_sample_args``, negative sampling is
   turned off (RecBole requires it to be None for CE);
-- the plugin's keys (and a few of RecBole's) are type-checked with one clear message.
+- the plugin's keys (and a few of RecBole's) are type- and range-checked with one clear
+  message; a key that no part of RecBole or the plugin reads gets a warning naming the
+  nearest known key;
+- no string is ever evaluated as Python. RecBole ``eval()``s string values (of the command
+  line, of a config dict, of a checkpoint's stored config); here they are read as Python
+  literals (numbers, booleans, None, lists, tuples, dicts, quoted strings) or kept as the
+  string, and YAML files are read with a safe loader.
 """
 
+import ast
+import difflib
+import functools
+import logging
 import os
+import re
+from enum import Enum
 
+import yaml
 from recbole.config import Config
 
 from recbole_cdsr import registry
@@ -63,12 +76,221 @@ CONFIG_SCHEMA = {
     "fast_layers": (_BOOL, None),
 }
 
+#: key -> (low, low_open, high, high_open): numeric bounds (None: unbounded on that side).
+#: A key listed here must hold a number (or None where CONFIG_SCHEMA allows it).
+RANGES = {
+    # training and evaluation
+    "epochs": (1, False, None, False),
+    "train_batch_size": (1, False, None, False),
+    "eval_batch_size": (1, False, None, False),
+    "steps_per_epoch": (1, False, None, False),
+    "max_train_steps": (1, False, None, False),
+    "train_time_budget": (0, True, None, False),
+    "num_threads": (1, False, None, False),
+    "eval_neg_num": (1, False, None, False),
+    "MAX_ITEM_LIST_LENGTH": (1, False, None, False),
+    "train_min_history": (1, False, None, False),
+    "stopping_step": (1, False, None, False),
+    "eval_step": (0, False, None, False),  # 0: no validation while training (as RecBole)
+    "learning_rate": (0, True, None, False),
+    "weight_decay": (0, False, None, False),
+    # common model keys
+    "hidden_size": (1, False, None, False),
+    "embedding_size": (1, False, None, False),
+    "inner_size": (1, False, None, False),
+    "n_layers": (1, False, None, False),
+    "n_heads": (1, False, None, False),
+    "hidden_dropout_prob": (0, False, 1, True),
+    "attn_dropout_prob": (0, False, 1, True),
+    "dropout_prob": (0, False, 1, True),
+    # LLMCDSR
+    "length_buckets": (1, False, None, False),
+    "neg_resample_rounds": (0, False, None, False),
+    "recall_k": (1, False, None, False),
+    "aug_batch_size": (1, False, None, False),
+    "meta_batch_size": (1, False, None, False),
+    "meta_interval": (1, False, None, False),
+    "meta_inner_lr": (0, True, None, False),
+    "meta_lr": (0, True, None, False),
+    "shot": (1, False, None, False),
+    "llm_max_names": (1, False, None, False),
+    "retrieval_neighbours": (1, False, None, False),
+    "pretrain_epochs": (1, False, None, False),
+    "pretrain_patience": (1, False, None, False),
+    "pretrain_batch_size": (1, False, None, False),
+    "infonce_weight": (0, False, None, False),
+    "infonce_tau": (0, True, None, False),
+    # LLM backends
+    "llm_timeout": (0, True, None, False),
+    "llm_max_retries": (0, False, None, False),
+    "llm_concurrency": (1, False, None, False),
+    "llm_max_new_tokens": (1, False, None, False),
+    "llm_batch_size": (1, False, None, False),
+    # LeCDSR
+    "adapter_inner_size": (1, False, None, False),
+    "tau": (0, True, None, False),
+    "tau2": (0, True, None, False),
+    "align_weight": (0, False, None, False),
+    "n_neg": (1, False, None, False),
+    "profile_max_chars": (1, False, None, False),
+}
+
 SUPPORTED_METRICS = ("hit", "ndcg", "mrr")
 PROTOCOLS = ("sampled", "full")
 
 
 class ConfigError(ValueError):
     """A configuration value of the wrong type or outside its allowed values."""
+
+
+logger = logging.getLogger(__name__)
+
+#: what a literal may become (as RecBole's own conversion); anything else stays the string
+_LITERAL_TYPES = (str, int, float, list, tuple, dict, bool, Enum)
+
+
+def literal_value(text):
+    """A configuration string as a value, never evaluated as code.
+
+    Python literals (``5``, ``1e-3``, ``[0.9, 0.98]``, ``{'A': 'a.npz'}``, ``None``,
+    ``'quoted'``) become their value, ``true``/``false`` (any case) booleans, ``~`` and
+    ``null`` None; anything else, ``__import__('os')`` included, stays the string it was.
+    """
+    if not isinstance(text, str):
+        return text
+    s = text.strip()
+    try:
+        value = ast.literal_eval(s)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        low = s.lower()
+        if low == "true":
+            return True
+        if low == "false":
+            return False
+        if low in ("~", "null"):
+            return None
+        return text
+    if value is not None and not isinstance(value, _LITERAL_TYPES):
+        return text
+    return value
+
+
+class SafeYamlLoader(yaml.SafeLoader):
+    """YAML's safe loader (no Python tags) that also reads ``1e-3`` as a float, as RecBole's does."""
+
+
+SafeYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _describe_range(rng):
+    lo, lo_open, hi, hi_open = rng
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    if lo is None:
+        return f"{'<' if hi_open else '<='} {hi}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def check_value(key, value):
+    """What is wrong with ``key: value`` ("must be >= 1, got -1"), or None when it is fine."""
+    rule = CONFIG_SCHEMA.get(key)
+    if rule is not None:
+        types, allowed = rule
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            names = "/".join("None" if t is type(None) else t.__name__ for t in types)
+            return f"must be {names}, got {value!r} ({type(value).__name__})"
+        if allowed is not None and value not in allowed:
+            return f"must be one of {', '.join(allowed)}, got {value!r}"
+    rng = RANGES.get(key)
+    if rng is None or value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"must be a number {_describe_range(rng)}, got {value!r}"
+    lo, lo_open, hi, hi_open = rng
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
+        hi is not None and (value >= hi if hi_open else value > hi)
+    )
+    if bad or value != value:  # NaN is never in range
+        return f"must be {_describe_range(rng)}, got {value!r}"
+    return None
+
+
+_KEY_IN_CODE = re.compile(
+    r"""(?:config|cfg|conf|final_config_dict|parameters)\w*\s*(?:\[\s*|\.get\(\s*)["']([A-Za-z_][A-Za-z0-9_]*)["']"""
+    r"""|["']([A-Za-z_][A-Za-z0-9_]*)["']\s+(?:not\s+)?in\s+(?:self\.)?(?:config|cfg|conf)\b"""
+)
+#: files under a properties folder whose top-level keys are not config keys
+_NOT_CONFIG_FILES = ("url.yaml", "kg_url.yaml")
+
+
+@functools.lru_cache(maxsize=None)
+def known_config_keys():
+    """Every key that RecBole or the plugin defines in a properties file or reads in code."""
+    import recbole
+
+    import recbole_cdsr
+
+    keys = set(CONFIG_SCHEMA) | set(RANGES)
+    roots = [os.path.dirname(recbole.__file__), os.path.dirname(recbole_cdsr.__file__)]
+    props = [os.path.join(roots[0], "properties"), properties_dir()]
+    for root in props:
+        for folder, _, files in os.walk(root):
+            for name in files:
+                if not name.endswith(".yaml") or name in _NOT_CONFIG_FILES:
+                    continue
+                try:
+                    with open(os.path.join(folder, name), encoding="utf-8") as f:
+                        loaded = yaml.load(f, Loader=SafeYamlLoader)
+                except (OSError, yaml.YAMLError):
+                    continue
+                if isinstance(loaded, dict):
+                    keys.update(str(k) for k in loaded)
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            for name in files:
+                if name.endswith(".py"):
+                    try:
+                        with open(os.path.join(folder, name), encoding="utf-8") as f:
+                            text = f.read()
+                    except (OSError, UnicodeDecodeError):
+                        continue
+                    for a, b in _KEY_IN_CODE.findall(text):
+                        keys.add(a or b)
+    return frozenset(keys)
+
+
+def unknown_key_message(key):
+    """A warning for a key nothing reads (None for a known key)."""
+    known = known_config_keys()
+    if key in known:
+        return None
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]!r}?" if near else "check its spelling"
+    return f"config key {key!r} is read by no part of RecBole or recbole-cdsr, so it changes nothing: {hint}"
+
+
+def warn_unknown_keys(keys, where=""):
+    """Log one WARNING per unknown key; return the messages."""
+    out = []
+    for key in keys:
+        msg = unknown_key_message(key)
+        if msg:
+            out.append(msg)
+            logger.warning("%s%s", f"{where}: " if where else "", msg)
+    return out
 
 
 class CDSRConfig(Config):
@@ -93,6 +315,30 @@ class CDSRConfig(Config):
         self._check_cdsr()
 
     # -- RecBole hooks ---------------------------------------------------------------
+    def _build_yaml_loader(self):
+        return SafeYamlLoader
+
+    def _load_config_files(self, file_list):
+        out = {}
+        for file in file_list or []:
+            try:
+                with open(file, "r", encoding="utf-8") as f:
+                    loaded = yaml.load(f.read(), Loader=SafeYamlLoader)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{file}: not valid YAML for a config file ({e})") from None
+            if loaded is None:
+                continue
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{file}: a config file must be a mapping of keys, got {type(loaded).__name__}")
+            out.update(loaded)
+        return out
+
+    def _convert_config_dict(self, config_dict):
+        # RecBole's version eval()s every string value; values are data here
+        for key in list(config_dict):
+            config_dict[key] = literal_value(config_dict[key])
+        return config_dict
+
     def _load_cmd_line(self):
         return self._convert_config_dict(dict(self._cdsr_cmd_args))
 
@@ -156,22 +402,13 @@ class CDSRConfig(Config):
     # -- checks ----------------------------------------------------------------------
     def _check_cdsr(self):
         d = self.final_config_dict
-        for key, (types, allowed) in CONFIG_SCHEMA.items():
-            if key not in d:
-                continue
-            v = d[key]
-            ok = isinstance(v, types) and not (
-                isinstance(v, bool) and bool not in types and v is not None
-            )
-            if not ok:
-                names = "/".join("None" if t is type(None) else t.__name__ for t in types)
-                raise ConfigError(
-                    f"config key {key!r} must be {names}, got {v!r} ({type(v).__name__})"
-                )
-            if allowed is not None and v not in allowed:
-                raise ConfigError(
-                    f"config key {key!r} must be one of {', '.join(allowed)}, got {v!r}"
-                )
+        for key in list(CONFIG_SCHEMA) + [k for k in RANGES if k not in CONFIG_SCHEMA]:
+            if key in d:
+                msg = check_value(key, d[key])
+                if msg:
+                    raise ConfigError(f"config key {key!r} {msg}")
+        inner = self.internal_config_dict
+        self.unknown_keys = warn_unknown_keys(sorted(k for k in self.external_config_dict if k not in inner))
         protos = d.get("eval_protocol")
         protos = [protos] if isinstance(protos, str) else list(protos or [])
         if not protos or any(p not in PROTOCOLS for p in protos):
@@ -193,11 +430,6 @@ class CDSRConfig(Config):
         if not topk or any(not isinstance(k, int) or k < 1 for k in topk):
             raise ConfigError(f"config key 'topk' must be positive integers, got {d.get('topk')!r}")
         d["topk"] = topk
-        for key in ("train_time_budget", "max_train_steps", "num_threads", "steps_per_epoch"):
-            if d.get(key) is not None and d[key] <= 0:
-                raise ConfigError(f"config key {key!r} must be positive (or ~ for none), got {d[key]!r}")
-        if d.get("eval_neg_num", 1) < 1:
-            raise ConfigError("config key 'eval_neg_num' must be >= 1")
 
 
 def _parse_cmd_args(cmd_args):

@@ -11,6 +11,9 @@ built from (space file hash, base config, budget, algorithm, evaluations, seed, 
 fingerprint) and every trial's validation result; the benchmark then runs the model with
 the best parameters. hyperopt's own randomness is seeded (``HYPEROPT_FMIN_SEED``), so the
 same inputs give the same trials.
+
+Space files are read here (:func:`read_space_file`), not by RecBole, whose reader
+``eval()``s the values of ``choice`` lines: a shared space file is data and never runs.
 """
 
 import hashlib
@@ -32,6 +35,63 @@ def space_file(model):
             "'learning_rate choice [0.001,0.0005]')"
         )
     return path
+
+
+SPACE_TYPES = {"choice": 0, "uniform": 2, "quniform": 3, "loguniform": 2}
+
+
+def read_space_file(path):
+    """A ``.hyper`` file as HyperTuning's ``params_dict`` (``{type: {name: values}}``).
+
+    ``choice`` values are a Python literal list (``[0.001, 0.0005]``, ``['a', 'b']``), read
+    with ``ast.literal_eval``; the ranges are comma-separated numbers. A malformed line is one
+    error naming the file and line.
+    """
+    import ast
+
+    out = {}
+    seen = set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise BenchmarkError(f"{path}: cannot read the search space ({e.strerror})") from None
+    for no, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = text.split(None, 2)
+        where = f"{path}, line {no}"
+        if len(parts) < 3:
+            raise BenchmarkError(f"{where}: expected 'name type values', got {text!r}")
+        name, kind, values = parts
+        if kind not in SPACE_TYPES:
+            raise BenchmarkError(f"{where}: type {kind!r} is not one of {', '.join(SPACE_TYPES)}")
+        if name in seen:
+            raise BenchmarkError(f"{where}: {name!r} appears twice")
+        seen.add(name)
+        if kind == "choice":
+            try:
+                parsed = ast.literal_eval(values)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                parsed = None
+            if not isinstance(parsed, (list, tuple)) or not parsed:
+                raise BenchmarkError(f"{where}: choice values must be a non-empty list literal such as "
+                                     f"[0.001, 0.0005], got {values!r}")
+            parsed = list(parsed)
+        else:
+            try:
+                parsed = [float(x) for x in values.replace(" ", "").split(",")]
+            except ValueError:
+                parsed = None
+            if parsed is None or len(parsed) != SPACE_TYPES[kind]:
+                raise BenchmarkError(f"{where}: {kind} needs {SPACE_TYPES[kind]} comma-separated numbers, got {values!r}")
+            if parsed[0] >= parsed[1]:
+                raise BenchmarkError(f"{where}: {kind} low {parsed[0]} must be below high {parsed[1]}")
+        out.setdefault(kind, {})[name] = parsed
+    if not out:
+        raise BenchmarkError(f"{path}: no search-space lines ('name type values')")
+    return out
 
 
 def tune_model(model, dataset, base_config, config_files=None, params_file=None, algo="random",
@@ -78,7 +138,7 @@ def tune_model(model, dataset, base_config, config_files=None, params_file=None,
     old = os.environ.get("HYPEROPT_FMIN_SEED")
     os.environ["HYPEROPT_FMIN_SEED"] = str(seed)
     try:
-        tuner = HyperTuning(objective, params_file=params_file, algo=algo, max_evals=max_evals,
+        tuner = HyperTuning(objective, params_dict=read_space_file(params_file), algo=algo, max_evals=max_evals,
                             early_stop=early_stop)
         _quiet_print(tuner.run)
     finally:

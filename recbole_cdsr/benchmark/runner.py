@@ -13,8 +13,14 @@
    raises is recorded as ``failed`` with its error, and the others go on; failed runs are
    tried again by the next invocation). Locally each run has a child process of its own
    (``isolate_runs``, default true), so a run the OS kills, out of memory say, is recorded
-   as failed too, and no run inherits another's memory;
+   as failed too, and no run inherits another's memory; ``jobs: N`` runs N of them side by
+   side. A run's process ends when the benchmark's process does (killed included): no run
+   goes on unrecorded;
 5. writes the leaderboards (Markdown, CSV, PNG) from ``results.jsonl``.
+
+One output folder has one writer: an invocation holds a lock on ``<output_dir>/.lock`` from
+start to end, and a second invocation on the same folder stops at once, naming the first's
+process. The lock is the operating system's (``flock``), so a killed process leaves none.
 
 A line of ``results.jsonl`` is the run's results file (see ``quick_start``) plus
 ``benchmark``, ``name`` (the leaderboard label), ``run_key`` (``dataset/name/seedN``),
@@ -34,8 +40,36 @@ import traceback
 from datetime import datetime, timezone
 from time import time
 
+from dataset_converters.filelock import FileLock, LockBusy
 from recbole_cdsr.benchmark.spec import BenchmarkError, BenchmarkSpec, load_benchmark
 from recbole_cdsr.utils import code_fingerprint
+
+LOCK_FILE = ".lock"
+
+
+class OutputLock:
+    """Exclusive lock on a benchmark output folder (``<folder>/.lock``) for the life of one
+    invocation; a killed invocation leaves none (see ``dataset_converters.filelock``)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self._lock = FileLock(os.path.join(folder, LOCK_FILE))
+
+    def __enter__(self):
+        try:
+            self._lock.acquire()
+        except LockBusy as e:
+            raise BenchmarkError(
+                f"benchmark output folder {self.folder} is in use by another invocation"
+                + (f" ({e.holder})" if e.holder else "")
+                + ": wait for it to end, or give this benchmark another output_dir "
+                "(to run models side by side, use one invocation with jobs: N)"
+            ) from None
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
 
 #: config keys that say where files go or how much is printed: not part of the config hash
 NON_HASHED_KEYS = ("checkpoint_dir", "results_dir", "show_progress", "state", "data_path")
@@ -53,20 +87,42 @@ def _file_sha(path):
     return sha256_file(path)
 
 
-def dataset_fingerprint(data_path, dataset):
-    """sha256 over the dataset's atomic files (the converter's manifest when it has one)."""
+ATOMIC_SUFFIXES = ("item", "user", "train.inter", "valid.inter", "test.inter")
+
+
+def dataset_fingerprint(data_path, dataset, stream=None):
+    """sha256 over the contents of the dataset's atomic files.
+
+    When the converter's manifest lists every atomic file present and each one's bytes still
+    hash to the listed value, the fingerprint is the manifest's hash (it names the release
+    and the converter as well); an atomic file edited, added or removed since the conversion
+    gives a fingerprint of the files' actual contents instead, with a warning, so the runs
+    that used the old files are run again.
+    """
     d = os.path.join(data_path, dataset)
-    manifest = os.path.join(d, f"{dataset}.manifest.json")
-    if os.path.isfile(manifest):
-        return "manifest:" + _file_sha(manifest)
-    parts = []
-    for suffix in ("item", "user", "train.inter", "valid.inter", "test.inter"):
+    present = {}
+    for suffix in ATOMIC_SUFFIXES:
         p = os.path.join(d, f"{dataset}.{suffix}")
         if os.path.isfile(p):
-            parts.append(f"{suffix}:{_file_sha(p)}")
-    if not parts:
+            present[suffix] = _file_sha(p)
+    if not present:
         raise BenchmarkError(f"dataset {dataset!r}: no atomic files in {d}")
-    return "files:" + _sha256_bytes("\n".join(parts).encode())
+    manifest = os.path.join(d, f"{dataset}.manifest.json")
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                listed = json.load(f).get("output_files_sha256") or {}
+        except (OSError, ValueError, AttributeError):
+            listed = {}
+        listed = {s: listed[f"{dataset}.{s}"] for s in ATOMIC_SUFFIXES if f"{dataset}.{s}" in listed}
+        if listed == present:
+            return "manifest:" + _file_sha(manifest)
+        changed = sorted(set(listed) ^ set(present) | {k for k in present if listed.get(k, present[k]) != present[k]})
+        print(f"WARNING dataset {dataset!r}: atomic files differ from the converter's manifest "
+              f"({', '.join(f'{dataset}.{c}' for c in changed) or 'no file list in the manifest'}); the benchmark fingerprints "
+              "their contents, and runs recorded against the converted files run again",
+              file=stream or sys.stderr, flush=True)
+    return "files:" + _sha256_bytes("\n".join(f"{k}:{v}" for k, v in present.items()).encode())
 
 
 def config_hash(run, fingerprint):
@@ -300,10 +356,39 @@ def _child_main(execute, run, conn):
     # ``worker`` data loaders) would be spawned too, which fails on sharing its tensors:
     # give them the platform's default, as in a run in the main process
     mp.set_start_method(None, force=True)
+    _exit_with_parent()
     try:
         conn.send(execute(run))
     finally:
         conn.close()
+
+
+#: exit status of a run's process that ended because the benchmark's process was gone
+PARENT_GONE_EXIT = 75
+
+
+def _exit_with_parent():
+    """End this (child) process as soon as its parent ends, however the parent ends.
+
+    A daemon thread waits on the parent's sentinel (which becomes ready when the parent is
+    gone, killed included) and exits at once: a run whose benchmark is gone would otherwise
+    train on and write a results file that no ``results.jsonl`` records."""
+    import multiprocessing as mp
+    import threading
+
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        from multiprocessing.connection import wait
+
+        wait([parent.sentinel])
+        print(f"run process {os.getpid()}: the benchmark's process is gone; stopping this run",
+              file=sys.stderr, flush=True)
+        os._exit(PARENT_GONE_EXIT)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _died_line(run, exitcode, seconds):
@@ -339,6 +424,7 @@ def execute_isolated(run, execute=None):
     # not a daemon: a run may start processes of its own (RecBole's ``worker`` data loaders)
     proc = ctx.Process(target=_child_main, args=(execute or execute_run, run, send))
     proc.start()
+    _LIVE.add(proc)
     send.close()  # the child holds the only writer: EOF once it is gone
     line = None
     try:
@@ -351,19 +437,49 @@ def execute_isolated(run, execute=None):
         if proc.is_alive():  # interrupted (Ctrl-C): never leave a run behind
             proc.terminate()
             proc.join()
+        _LIVE.discard(proc)
         recv.close()
     if line is None:
         return _died_line(run, proc.exitcode, time() - t0)
     return line
 
 
-def run_local(pending, store, progress, isolate=True, execute=None):
-    """One run after the other; each in a child process unless ``isolate`` is False."""
+#: run processes started by execute_isolated and not yet ended
+_LIVE = set()
+
+
+def run_local(pending, store, progress, isolate=True, execute=None, jobs=1):
+    """One run after the other, or ``jobs`` side by side; each in a child process unless
+    ``isolate`` is False. Lines are appended by this process alone, as runs end."""
     execute = execute or execute_run
-    for run in pending:
-        line = execute_isolated(run, execute) if isolate else execute(run)
-        store.append(line)
-        progress.update(line)
+    if jobs <= 1 or len(pending) <= 1:
+        for run in pending:
+            line = execute_isolated(run, execute) if isolate else execute(run)
+            store.append(line)
+            progress.update(line)
+        return
+    if not isolate:
+        raise BenchmarkError("runs side by side (jobs > 1) need isolate_runs: true")
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="run")
+    try:
+        futures = {pool.submit(execute_isolated, run, execute) for run in pending}
+        while futures:
+            done, futures = wait(futures, return_when=FIRST_COMPLETED)
+            for fut in done:
+                line = fut.result()
+                store.append(line)
+                progress.update(line)
+    except BaseException:  # Ctrl-C or a failing store: stop the runs still going
+        for fut in list(futures):
+            fut.cancel()
+        for proc in list(_LIVE):
+            if proc.is_alive():
+                proc.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def run_ray(pending, store, progress, address=None, cpus_per_run=1):
@@ -406,7 +522,8 @@ def run_ray(pending, store, progress, address=None, cpus_per_run=1):
 EXECUTORS = ("local", "ray")
 
 
-def run_benchmark(spec, executor="local", ray_address=None, write_reports=True, stream=None, only=None):
+def run_benchmark(spec, executor="local", ray_address=None, write_reports=True, stream=None, only=None,
+                  jobs=None):
     """Run (or resume) a benchmark; return a summary dict.
 
     Args:
@@ -416,6 +533,7 @@ def run_benchmark(spec, executor="local", ray_address=None, write_reports=True, 
         only: model names (of the file) to run now; the others are neither searched,
             calibrated nor run, and appear in the leaderboard only when their calibration
             (and search) is cached and their runs are recorded. Default: every model.
+        jobs: local runs side by side (default: the file's ``jobs``, else 1).
     """
     if executor not in EXECUTORS:
         raise BenchmarkError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
@@ -431,8 +549,17 @@ def run_benchmark(spec, executor="local", ray_address=None, write_reports=True, 
                 f"({', '.join(names)}), got {bad[0] if bad else only!r}"
             )
     selected = set(only) if only is not None else set(names)
+    jobs = spec.jobs if jobs is None else jobs
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise BenchmarkError(f"jobs must be a positive integer, got {jobs!r}")
+    if jobs > 1 and not spec.isolate_runs:
+        raise BenchmarkError("runs side by side (jobs > 1) need isolate_runs: true")
     stream = stream or sys.stdout
-    os.makedirs(spec.output_dir, exist_ok=True)
+    with OutputLock(spec.output_dir):
+        return _run_locked(spec, executor, ray_address, write_reports, stream, only, selected, names, jobs)
+
+
+def _run_locked(spec, executor, ray_address, write_reports, stream, only, selected, names, jobs):
     fingerprints = prepare_datasets(spec)
     tuned = {}
     planned = set(names)
@@ -459,7 +586,7 @@ def run_benchmark(spec, executor="local", ray_address=None, write_reports=True, 
         if executor == "ray":
             run_ray(pending, store, progress, ray_address, spec.threads or 1)
         else:
-            run_local(pending, store, progress, isolate=spec.isolate_runs)
+            run_local(pending, store, progress, isolate=spec.isolate_runs, jobs=jobs)
     lines = store.read()
     failed = [r["run_key"] for r in runs
               if r["name"] in selected and (r["run_key"], r["config_hash"]) not in finished_keys(lines)]

@@ -26,6 +26,8 @@ A benchmark file is YAML::
     isolate_runs: true                # local executor: each run in a fresh child process, so a
                                       # run the OS kills (out of memory) is recorded as failed
                                       # and every run starts with the memory of a new process
+    jobs: 1                           # local executor: runs side by side (each its own child
+                                      # process; with threads: 1 on a 2-core machine, jobs: 2)
     hyper:                            # optional search before the runs (see hyper.py)
       models: [SASRec]
       algo: random                    # exhaustive | random | bayes (RecBole's HyperTuning)
@@ -49,12 +51,12 @@ import os
 
 import yaml
 
-from recbole_cdsr.config import CONFIG_SCHEMA, ConfigError, PROTOCOLS
+from recbole_cdsr.config import ConfigError, PROTOCOLS, check_value, warn_unknown_keys
 
 TOP_KEYS = {
     "name", "datasets", "models", "seeds", "protocols", "budget", "config", "config_files",
     "overrides", "baselines", "threads", "output_dir", "save_checkpoints", "hyper", "isolate_runs",
-    "readme",
+    "readme", "jobs",
 }
 #: budget key -> config key (``minutes`` becomes ``max_train_steps`` through calibration)
 BUDGET_KEYS = {"epochs": "epochs", "steps": "max_train_steps", "steps_per_epoch": "steps_per_epoch",
@@ -107,6 +109,8 @@ class BenchmarkSpec:
                 self._fail("overrides", f"{k!r} is not a model name of this benchmark ({', '.join(sorted(names))})")
             if not isinstance(v, dict):
                 self._fail(f"overrides.{k}", f"must be a mapping of config keys, got {v!r}")
+            for key, value in v.items():
+                self._check_key(f"overrides.{k}.{key}", key, value)
         self.config_files = []
         files = raw.get("config_files") or []
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
@@ -145,6 +149,12 @@ class BenchmarkSpec:
         if not isinstance(isolate, bool):
             self._fail("isolate_runs", f"must be true or false, got {isolate!r}")
         self.isolate_runs = isolate
+        jobs = raw.get("jobs", 1)
+        if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+            self._fail("jobs", f"must be a positive integer (runs side by side), got {jobs!r}")
+        if jobs > 1 and not isolate:
+            self._fail("jobs", "runs side by side need isolate_runs: true (each run its own process)")
+        self.jobs = jobs
         readme = raw.get("readme")
         if readme is not None:
             if not isinstance(readme, str) or not readme:
@@ -197,14 +207,10 @@ class BenchmarkSpec:
         return dict(v)
 
     def _check_key(self, where, key, value):
-        rule = CONFIG_SCHEMA.get(key)
-        if rule is None:
-            return
-        types, allowed = rule
-        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-        if not ok or (allowed is not None and value not in allowed):
-            names = "/".join("None" if t is type(None) else t.__name__ for t in types)
-            self._fail(where, f"must be {names}" + (f" in {allowed}" if allowed else "") + f", got {value!r}")
+        msg = check_value(key, value)
+        if msg:
+            self._fail(where, msg)
+        warn_unknown_keys([key], f"{self._where}: {where}")
 
     def _models(self, v):
         if not isinstance(v, list) or not v:

@@ -9,10 +9,14 @@ RecBole's internal id order: every model of a leaderboard ranks the same candida
 
 Files: ``<dataset>.<split>.cand-n<N>-seed<S>[-exhist].npz`` (``item_tokens``: all item
 tokens, sorted; ``neg``: int32 [instances, N] indices into ``item_tokens``; ``targets``,
-``users``) and a ``.json`` manifest (parameters, sha256 of the source files and of the
-npz), written last: a candidate file without a matching manifest is rebuilt.
+``users``) and a ``.json`` manifest (parameters, sha256 of the source files, of the npz and
+of its arrays), written last. Loading checks the files against the manifest and draws the
+sets again from the manifest's seed, which must give the same arrays: a candidate file
+changed by hand, or a manifest whose seed is not the one its sets were drawn with, is
+reported as a WARNING and the sets are drawn again. Missing files are drawn silently.
 """
 
+import hashlib
 import io
 import json
 import logging
@@ -23,7 +27,7 @@ import pandas as pd
 
 from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_file
 
-CANDIDATE_FORMAT_VERSION = 1
+CANDIDATE_FORMAT_VERSION = 2  # 2: arrays_sha256, contents checked by a second draw
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +94,17 @@ def draw_candidates(item_tokens, item_domains, targets, hists, neg_num, seed, ex
     return tokens, neg, tgt_idx
 
 
+def arrays_sha256(arrays):
+    """sha256 over the candidate arrays (names, dtypes, shapes and bytes), independent of
+    how the npz archive compresses them."""
+    h = hashlib.sha256()
+    for key in ("item_tokens", "neg", "targets", "users"):
+        a = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}:{a.dtype.str}:{a.shape}\n".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 class CandidateStore:
     """Builds (once) and loads the candidate sets of a dataset's evaluation splits."""
 
@@ -112,41 +127,59 @@ class CandidateStore:
             self.dir, self.name, split, self.neg_num, self.seed, self.exclude_history
         )
 
-    def _valid_manifest(self, split):
+    def check(self, split):
+        """``(True, None)`` when the files are complete and consistent; ``(False, None)`` when
+        they are missing (never drawn, or an old format); ``(False, reason)`` when they are
+        present but do not match what their manifest says."""
         npz, man = self.paths(split)
         if not (os.path.isfile(npz) and os.path.isfile(man)):
-            return False
+            return False, None
         try:
-            with open(man) as f:
+            with open(man, encoding="utf-8") as f:
                 m = json.load(f)
-        except (OSError, ValueError):
-            return False
+        except (OSError, ValueError) as e:
+            return False, f"manifest {man} is unreadable ({e})"
+        if not isinstance(m, dict) or m.get("format_version") != CANDIDATE_FORMAT_VERSION:
+            return False, None
+        for key, want in (("neg_num", self.neg_num), ("seed", self.seed), ("exclude_history", self.exclude_history)):
+            if m.get(key) != want:
+                return False, f"manifest {man} states {key} {m.get(key)!r}, its file name {want!r}"
         item_path, inter_path = self._sources(split)
-        return (
-            m.get("format_version") == CANDIDATE_FORMAT_VERSION
-            and m.get("neg_num") == self.neg_num
-            and m.get("seed") == self.seed
-            and m.get("exclude_history") == self.exclude_history
-            and m.get("sources_sha256", {}).get(os.path.basename(item_path)) == sha256_file(item_path)
-            and m.get("sources_sha256", {}).get(os.path.basename(inter_path)) == sha256_file(inter_path)
-            and m.get("npz_sha256") == sha256_file(npz)
-        )
+        srcs = m.get("sources_sha256") or {}
+        for path in (item_path, inter_path):
+            if srcs.get(os.path.basename(path)) != sha256_file(path):
+                return False, f"the candidate sets were drawn from another {os.path.basename(path)} (it changed since)"
+        if m.get("npz_sha256") != sha256_file(npz):
+            return False, f"{npz} is not the file its manifest describes (changed after it was written)"
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                stored = {k: z[k] for k in ("item_tokens", "neg", "targets", "users")}
+        except Exception as e:  # a corrupt archive of any kind
+            return False, f"{npz} is unreadable ({type(e).__name__}: {e})"
+        if arrays_sha256(stored) != m.get("arrays_sha256"):
+            return False, f"the arrays of {npz} differ from the hash in its manifest"
+        drawn = self._draw(split)
+        if arrays_sha256(drawn) != m.get("arrays_sha256"):
+            return False, (f"the candidate sets of {npz} are not the ones seed {self.seed} draws "
+                           "(its manifest states a seed it was not drawn with)")
+        return True, None
 
-    def build(self, split):
+    def _draw(self, split):
         ds = self.dataset
         item_path, inter_path = self._sources(split)
         item_tokens, item_domains = _read_items(item_path, ds.iid_field, ds.domain_field)
-        users, targets, hists = _read_instances(
-            inter_path, ds.uid_field, ds.iid_field, ds.item_id_list_field
-        )
+        users, targets, hists = _read_instances(inter_path, ds.uid_field, ds.iid_field, ds.item_id_list_field)
         tokens, neg, tgt = draw_candidates(
             item_tokens, item_domains, targets, hists, self.neg_num, self.seed, self.exclude_history
         )
+        return {"item_tokens": tokens.astype(str), "neg": neg, "targets": tgt, "users": np.asarray(users).astype(str)}
+
+    def build(self, split):
+        arrays = self._draw(split)
+        item_path, inter_path = self._sources(split)
         npz, man = self.paths(split)
         buf = io.BytesIO()
-        np.savez_compressed(
-            buf, item_tokens=tokens.astype(str), neg=neg, targets=tgt, users=np.asarray(users).astype(str)
-        )
+        np.savez_compressed(buf, **arrays)
         atomic_write_bytes(npz, buf.getvalue())
         atomic_write_json(
             man,
@@ -156,7 +189,7 @@ class CandidateStore:
                 "neg_num": self.neg_num,
                 "seed": self.seed,
                 "exclude_history": self.exclude_history,
-                "instances": int(len(targets)),
+                "instances": int(len(arrays["targets"])),
                 "method": "numpy default_rng(seed); per instance, in file order, "
                 "neg_num distinct items uniform from the target's domain (items sorted by "
                 "token), excluding the target" + (" and the history" if self.exclude_history else ""),
@@ -165,6 +198,7 @@ class CandidateStore:
                     os.path.basename(inter_path): sha256_file(inter_path),
                 },
                 "npz_sha256": sha256_file(npz),
+                "arrays_sha256": arrays_sha256(arrays),
             },
         )
         logger.info(f"drew candidate sets for {self.name}.{split}: {npz}")
@@ -174,7 +208,11 @@ class CandidateStore:
         ``split_dataset``'s rows (checked through the user tokens)."""
         import torch
 
-        if not self._valid_manifest(split):
+        ok, reason = self.check(split)
+        if not ok:
+            if reason:
+                logger.warning(f"{self.name}.{split} candidate sets: {reason}; drawing them again from "
+                               f"eval_candidate_seed {self.seed}")
             self.build(split)
         npz, _ = self.paths(split)
         with np.load(npz, allow_pickle=False) as z:
