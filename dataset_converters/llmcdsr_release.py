@@ -346,9 +346,17 @@ def convert_llmcdsr_release(raw_dir, out_dir, name=None, allow_missing_single_do
 
 
 def publish_dir(tmp_dir, out_dir, name):
-    """Rename the finished ``tmp_dir`` to ``out_dir/name``, replacing an older copy."""
+    """Rename the finished ``tmp_dir`` to ``out_dir/name``, replacing an older copy.
+
+    Files of the older copy that the conversion does not write (the cached artefacts of the
+    stages: generations, embeddings, pre-training, candidate sets) move into the new copy;
+    each is checked against its own manifest when it is used, so one built from other data
+    is rebuilt then, not trusted."""
     final_dir = os.path.join(out_dir, name)
     if os.path.exists(final_dir):
+        for entry in sorted(os.listdir(final_dir)):
+            if not os.path.lexists(os.path.join(tmp_dir, entry)):
+                os.rename(os.path.join(final_dir, entry), os.path.join(tmp_dir, entry))
         old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=out_dir)
         os.rename(final_dir, os.path.join(old, name))
         os.rename(tmp_dir, final_dir)

@@ -391,6 +391,18 @@ def test_stale_temporary_folders_are_removed_by_the_next_conversion(tmp_path):
     assert sorted(os.listdir(d)) == [".other.tmp-keep", "tiny-cdsr"]  # and no lock file left
 
 
+def test_reconversion_keeps_the_cached_artefacts_beside_the_atomic_files(tmp_path):
+    d = tmp_path / "data"
+    write_synthetic_cdsr(str(d), "tiny-cdsr", seed=0)
+    cache = d / "tiny-cdsr" / "tiny-cdsr.pretrain-A-0123456789ab.npz"
+    cache.write_bytes(b"hours of pre-training")
+    atomic = (d / "tiny-cdsr" / "tiny-cdsr.test.inter").read_bytes()
+    write_synthetic_cdsr(str(d), "tiny-cdsr", seed=0)
+    assert cache.read_bytes() == b"hours of pre-training"
+    assert (d / "tiny-cdsr" / "tiny-cdsr.test.inter").read_bytes() == atomic
+    assert sorted(os.listdir(d)) == ["tiny-cdsr"]
+
+
 # -- 8. candidate files that do not match their manifest ------------------------------
 def _store(tmp, data, **kw):
     cfg = CDSRConfig("GRU4Rec", "tiny-cdsr", config_dict=base_config(tmp, data_path=data, **dict(TINY, **kw)))
