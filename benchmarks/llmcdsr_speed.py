@@ -102,7 +102,7 @@ def lower_bound(trainer, train, steps):
         t1 = time.perf_counter()
         model.calculate_loss(meta).backward()
         t2 = time.perf_counter()
-        model.aug_loss(aug, with_grad=False).backward()
+        model.joint_mean(model.aug_loss(aug, with_grad=False)).backward()
         t3 = time.perf_counter()
         if i >= 2:  # warm-up
             t_step, t_meta, t_aug = t_step + t1 - t0, t_meta + t2 - t1, t_aug + t3 - t2
