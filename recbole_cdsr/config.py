@@ -15,7 +15,7 @@ Differences from RecBole's Config, each deliberate:
 - the plugin's keys (and a few of RecBole's) are type- and range-checked with one clear
   message; a key that no part of RecBole or the plugin reads gets a warning naming the
   nearest known key;
-- no string is ever evaluated as Python. RecBole ``eval()``s string values (of the command
+- no string is ever evaluated as Python. RecBole runs string values as Python code (of the command
   line, of a config dict, of a checkpoint's stored config); here they are read as Python
   literals (numbers, booleans, None, lists, tuples, dicts, quoted strings) or kept as the
   string, and YAML files are read with a safe loader.
@@ -334,7 +334,7 @@ class CDSRConfig(Config):
         return out
 
     def _convert_config_dict(self, config_dict):
-        # RecBole's version eval()s every string value; values are data here
+        # RecBole's version runs every string value as Python code; values are data here
         for key in list(config_dict):
             config_dict[key] = literal_value(config_dict[key])
         return config_dict

@@ -13,7 +13,7 @@ the best parameters. hyperopt's own randomness is seeded (``HYPEROPT_FMIN_SEED``
 same inputs give the same trials.
 
 Space files are read here (:func:`read_space_file`), not by RecBole, whose reader
-``eval()``s the values of ``choice`` lines: a shared space file is data and never runs.
+runs the values of ``choice`` lines as Python code: a shared space file is data and never runs.
 """
 
 import hashlib
