@@ -74,6 +74,9 @@ CONFIG_SCHEMA = {
     "use_gpu": (_BOOL, None),
     "cpu_allocator_tuning": (_BOOL, None),
     "fast_layers": (_BOOL, None),
+    "dynamic_padding": (_STR + _BOOL, ("auto", "on", "off", True, False)),
+    "length_group_batches": (_INT, None),
+    "fused_loss": (_BOOL, None),
 }
 
 #: key -> (low, low_open, high, high_open): numeric bounds (None: unbounded on that side).
@@ -91,6 +94,7 @@ RANGES = {
     "MAX_ITEM_LIST_LENGTH": (1, False, None, False),
     "train_min_history": (1, False, None, False),
     "stopping_step": (1, False, None, False),
+    "length_group_batches": (1, False, None, False),
     "eval_step": (0, False, None, False),  # 0: no validation while training (as RecBole)
     "learning_rate": (0, True, None, False),
     "weight_decay": (0, False, None, False),
@@ -213,7 +217,7 @@ def check_value(key, value):
             names = "/".join("None" if t is type(None) else t.__name__ for t in types)
             return f"must be {names}, got {value!r} ({type(value).__name__})"
         if allowed is not None and value not in allowed:
-            return f"must be one of {', '.join(allowed)}, got {value!r}"
+            return f"must be one of {', '.join(str(a) for a in allowed)}, got {value!r}"
     rng = RANGES.get(key)
     if rng is None or value is None:
         return None

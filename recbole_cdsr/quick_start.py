@@ -169,6 +169,14 @@ def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=No
         "dataset": config["dataset"],
         "seed": config["seed"],
         "train_view": ds.train_view,
+        "speed": {
+            "fast_layers": bool(config["fast_layers"]),
+            "dynamic_padding": bool(getattr(train_data, "dynamic_padding", False)),
+            "dynamic_padding_setting": config["dynamic_padding"],
+            "train_view": ds.train_view,
+            "loss_path": trainer.loss_path,
+            "length_group_batches": config["length_group_batches"],
+        },
         "protocols": protocols,
         "candidates": {
             "eval_neg_num": config["eval_neg_num"],

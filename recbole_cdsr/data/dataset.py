@@ -11,7 +11,12 @@ those same rows when the dataset is built:
 ``sequence``
     one row per training user (the whole sequence); models that train on every position
     in one pass (the SASRec paper's way, LLMCDSR's backbone) read targets from
-    ``item_id_list[1:] + item_id``.
+    ``item_id_list[1:] + item_id``. For RecBole's models (``windows=True``) the rows carry
+    exactly the prefix view's targets: ``target_id_list`` [rows, L] holds at each position
+    the item to predict there (0 = no target), a sequence longer than
+    ``MAX_ITEM_LIST_LENGTH + 1`` gets its first window plus one row per later target (whose
+    history is that target's last L items, as in the prefix view), and targets before
+    ``train_min_history`` are 0.
 
 Histories keep their last ``MAX_ITEM_LIST_LENGTH`` items (RecBole's ``seq_len`` would
 keep the first ones). Valid and test rows are exactly the files' rows, in file order.
@@ -28,6 +33,7 @@ from recbole.data.interaction import Interaction
 from recbole.utils import FeatureSource, FeatureType
 
 TRAIN_VIEWS = ("prefix", "sequence")
+TARGET_LIST_FIELD = "target_id_list"
 
 # RecBole 1.2.1 uses pandas idioms that pandas 2.x flags as deprecated; they still work
 # with pandas<3 (pinned). Keep the log readable.
@@ -39,7 +45,7 @@ class CDSRDataError(ValueError):
 
 
 class CDSRDataset(SequentialDataset):
-    def __init__(self, config, train_view="prefix"):
+    def __init__(self, config, train_view="prefix", windows=False):
         if train_view not in TRAIN_VIEWS:
             raise CDSRDataError(f"train_view must be one of {TRAIN_VIEWS}, got {train_view!r}")
         if config["benchmark_filename"] is None or len(config["benchmark_filename"]) != 3:
@@ -47,6 +53,7 @@ class CDSRDataset(SequentialDataset):
                 "CDSR datasets are pre-split: benchmark_filename must be [train, valid, test]"
             )
         self.train_view = train_view
+        self.windows = bool(windows) and train_view == "sequence"
         super().__init__(config)
         self._init_domains()
         self._init_side_information()
@@ -171,21 +178,29 @@ class CDSRDataset(SequentialDataset):
                 raise CDSRDataError(f"{split} file holds a row with an empty history")
             if i == 0 and self.train_view == "prefix":
                 cols = _prefix_rows(uid, hist, target, max_len, self.config["train_min_history"] or 1)
+            elif i == 0 and self.windows:
+                cols = _window_rows(uid, hist, target, max_len, self.config["train_min_history"] or 1)
             else:
                 cols = _last_rows(uid, hist, target, max_len)
             parts.append(cols)
             sizes.append(len(cols[0]))
         uid, mat, length, target = (np.concatenate([p[j] for p in parts]) for j in range(4))
-        self.inter_feat = Interaction(
-            {
-                self.uid_field: torch.from_numpy(uid),
-                self.iid_field: torch.from_numpy(target),
-                list_field: torch.from_numpy(mat),
-                length_field: torch.from_numpy(length),
-            }
-        )
+        feat = {
+            self.uid_field: torch.from_numpy(uid),
+            self.iid_field: torch.from_numpy(target),
+            list_field: torch.from_numpy(mat),
+            length_field: torch.from_numpy(length),
+        }
+        if self.windows:
+            # targets of the training rows; evaluation rows have none (their target is item_id)
+            tgt = np.zeros_like(mat)
+            tgt[: sizes[0]] = parts[0][4]
+            feat[TARGET_LIST_FIELD] = torch.from_numpy(tgt)
+        self.inter_feat = Interaction(feat)
         self.file_size_list = sizes
         self.field2seqlen[list_field] = max_len
+        if self.windows:
+            self.set_field_property(TARGET_LIST_FIELD, FeatureType.TOKEN_SEQ, FeatureSource.INTERACTION, max_len)
         self.set_field_property(length_field, FeatureType.TOKEN, FeatureSource.INTERACTION, 1)
         for feat_name in self.feat_name_list:
             if feat_name == "inter_feat":
@@ -227,3 +242,43 @@ def _prefix_rows(uid, hist, target, max_len, min_history=1):
     mat = np.where(cols < length[:, None], flat[idx], 0)
     keep = offset + 1 >= min_history  # the target's 0-based index in its sequence
     return np.repeat(uid, n_rows)[keep], mat[keep], length[keep], flat[pos][keep]
+
+
+def _window_rows(uid, hist, target, max_len, min_history=1):
+    """Whole-sequence rows holding exactly the targets of :func:`_prefix_rows`.
+
+    Returns ``uid, items, length, last_target, targets`` where ``targets[r, p]`` is the item
+    to predict at position ``p`` of row ``r`` (0: none). A sequence ``s`` of n items gives
+    one row with ``s[:min(n - 1, L)]`` whose position p predicts ``s[p + 1]`` (the prefix
+    view's rows for targets 1..L, which all start at item 0), and, for every later target
+    j > L, one row holding ``s[j - L:j]`` that predicts ``s[j]`` at its last position only.
+    """
+    rows_uid, rows_items, rows_targets = [], [], []
+    for u, h, t in zip(uid, hist, target):
+        s = np.append(np.asarray(h, dtype=np.int64), t)
+        n = len(s)
+        k = min(n - 1, max_len)
+        tg = s[1 : k + 1].copy()
+        tg[: max(min_history - 1, 0)] = 0  # target index p + 1 < min_history
+        rows_uid.append(u)
+        rows_items.append(s[:k])
+        rows_targets.append(tg)
+        for j in range(max_len + 1, n):
+            if j < min_history:
+                continue
+            tg = np.zeros(max_len, dtype=np.int64)
+            tg[-1] = s[j]
+            rows_uid.append(u)
+            rows_items.append(s[j - max_len : j])
+            rows_targets.append(tg)
+    m = len(rows_uid)
+    mat = np.zeros((m, max_len), dtype=np.int64)
+    tmat = np.zeros((m, max_len), dtype=np.int64)
+    length = np.zeros(m, dtype=np.int64)
+    for r, (it, tg) in enumerate(zip(rows_items, rows_targets)):
+        mat[r, : len(it)] = it
+        tmat[r, : len(tg)] = tg
+        length[r] = len(it)
+    last = tmat[np.arange(m), length - 1]
+    keep = tmat.any(axis=1)  # a sequence shorter than train_min_history + 1 has no target
+    return np.asarray(rows_uid, dtype=np.int64)[keep], mat[keep], length[keep], last[keep], tmat[keep]

@@ -9,6 +9,7 @@
 import logging
 import os
 
+import numpy as np
 import torch
 
 from recbole.data.dataloader import TrainDataLoader
@@ -16,6 +17,7 @@ from recbole.sampler import RepeatableSampler
 
 from recbole_cdsr.data.candidates import CandidateStore
 from recbole_cdsr.data.dataset import CDSRDataset
+from recbole_cdsr.data.length_groups import LengthGroupedTrainDataLoader, resolve_dynamic_padding, trim_batch
 from recbole_cdsr.data.sampler import DomainSampler
 
 logger = logging.getLogger(__name__)
@@ -74,16 +76,34 @@ def ensure_atomic_files(config):
 
 
 def resolve_train_view(config, model_class):
+    """``train_view`` for this model: the config's, or with ``auto`` the model's own
+    (``TRAIN_VIEW`` of the plugin's models; ``sequence`` for RecBole's models that train
+    on whole sequences exactly, see :mod:`recbole_cdsr.model.whole_sequence`; else prefix)."""
+    from recbole_cdsr.model.whole_sequence import supports_sequence_view
+
     view = config["train_view"]
     if view == "auto":
-        view = getattr(model_class, "TRAIN_VIEW", "prefix")
+        view = getattr(model_class, "TRAIN_VIEW", None)
+        if view is None:
+            view = "sequence" if supports_sequence_view(model_class, config) else "prefix"
+    elif view == "sequence" and not hasattr(model_class, "TRAIN_VIEW"):
+        if not supports_sequence_view(model_class, config):
+            from recbole_cdsr.model.whole_sequence import SEQUENCE_MODELS
+
+            raise ValueError(
+                f"train_view: sequence is not available for {model_class.__name__} (RecBole's models "
+                f"with a whole-sequence path: {', '.join(sorted(SEQUENCE_MODELS))}); use prefix or auto"
+            )
     return view
 
 
 def create_cdsr_dataset(config, model_class=None):
     ensure_atomic_files(config)
     view = resolve_train_view(config, model_class) if model_class is not None else "prefix"
-    return CDSRDataset(config, train_view=view)
+    # RecBole's models read the whole-sequence view as exact windows with target lists;
+    # the plugin's models (TRAIN_VIEW) keep their own (last L items per user)
+    windows = view == "sequence" and model_class is not None and not hasattr(model_class, "TRAIN_VIEW")
+    return CDSRDataset(config, train_view=view, windows=windows)
 
 
 class CDSREvalDataLoader:
@@ -94,7 +114,7 @@ class CDSREvalDataLoader:
     sampled protocol is not requested), ``target_domain`` [instances].
     """
 
-    def __init__(self, config, dataset, split_name, candidates, batch_size):
+    def __init__(self, config, dataset, split_name, candidates, batch_size, trim=False):
         self._dataset = dataset
         self.dataset = dataset
         self.config = config
@@ -105,14 +125,25 @@ class CDSREvalDataLoader:
         targets = dataset.inter_feat[dataset.iid_field]
         self.target_domain = torch.as_tensor(dataset.item_domain)[targets]
         self.domain_names = dataset.domain_names
+        #: dynamic padding: batches in order of history length, cut to their longest row
+        self.trim = bool(trim)
+        if self.trim:
+            lengths = dataset.inter_feat[dataset.item_list_length_field].numpy()
+            self._order = torch.from_numpy(np.argsort(lengths, kind="stable"))
+        else:
+            self._order = torch.arange(self.n)
 
     def __len__(self):
         return (self.n + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
+        ds = self._dataset
         for start in range(0, self.n, self.batch_size):
-            rows = torch.arange(start, min(start + self.batch_size, self.n))
-            yield self._dataset.inter_feat[rows], rows
+            rows = self._order[start : start + self.batch_size]
+            inter = ds.inter_feat[rows]
+            if self.trim:
+                inter = trim_batch(inter, ds.item_list_length_field, (ds.item_id_list_field,))
+            yield inter, rows
 
 
 def cdsr_data_preparation(config, dataset):
@@ -126,6 +157,7 @@ def cdsr_data_preparation(config, dataset):
         )
         d.domain_field = dataset.domain_field
         d.train_view = dataset.train_view
+        d.windows = getattr(dataset, "windows", False)
     neg_args = config["train_neg_sample_args"]
     sampler = None
     if neg_args["distribution"] != "none":
@@ -142,13 +174,21 @@ def cdsr_data_preparation(config, dataset):
             sampler = RepeatableSampler(
                 ["train"], train_ds, neg_args["distribution"], neg_args["alpha"]
             ).set_phase("train")
-    train_data = TrainDataLoader(config, train_ds, sampler, shuffle=config["shuffle"])
+    dynamic = resolve_dynamic_padding(config, config["model"])
+    windows = getattr(dataset, "windows", False)
+    if dynamic or windows:
+        train_data = LengthGroupedTrainDataLoader(
+            config, train_ds, sampler, shuffle=config["shuffle"], trim=dynamic, target_budget=windows
+        )
+    else:
+        train_data = TrainDataLoader(config, train_ds, sampler, shuffle=config["shuffle"])
+    train_data.dynamic_padding = dynamic
     store = CandidateStore(config, dataset)
     names = dataset.split_names()
     loaders = []
     for split_name, ds in ((names[1], valid_ds), (names[2], test_ds)):
         cand = store.load(split_name, ds) if "sampled" in config["eval_protocol"] else None
         loaders.append(
-            CDSREvalDataLoader(config, ds, split_name, cand, config["eval_batch_size"])
+            CDSREvalDataLoader(config, ds, split_name, cand, config["eval_batch_size"], trim=dynamic)
         )
     return train_data, loaders[0], loaders[1]

@@ -52,6 +52,8 @@ class CDSRTrainer(Trainer):
         self.last_ranks = None
         self.steps_done = 0
         self.report = None  # callable(line: str) for one line per evaluation (benchmark runs)
+        self.train_loss_fn = None  # set by fit: the exact, fastest loss for the run's view
+        self.loss_path = "calculate_loss"
         budget = config["train_time_budget"]
         self.time_budget_seconds = None if budget is None else float(budget) * 60.0
         self._deadline = None
@@ -96,7 +98,7 @@ class CDSRTrainer(Trainer):
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         self.model.train()
-        loss_func = loss_func or self.model.calculate_loss
+        loss_func = loss_func or self.train_loss_fn or self.model.calculate_loss
         total_loss = None
         n_batches = len(train_data)
         if self.steps_per_epoch:
@@ -138,6 +140,11 @@ class CDSRTrainer(Trainer):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._setup(train_data.dataset)
+        from recbole_cdsr.model.whole_sequence import training_loss
+
+        view = getattr(train_data.dataset, "train_view", "prefix")
+        fused = self.config["fused_loss"] is not False
+        self.train_loss_fn, self.loss_path = training_loss(self.model, view, fused=fused)
         if self.config["train_neg_sample_args"].get("dynamic", False):
             train_data.get_model(self.model)
         keys = self.selection_keys()
