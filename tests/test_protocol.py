@@ -167,7 +167,7 @@ def test_candidate_files_identical_across_runs_and_models(tmp_path, slice_data):
 
 
 def test_views_of_real_food_kitchen(tmp_path, fk_data):
-    cfg = CDSRConfig("SASRec", "food-kitchen", config_dict=base_config(str(tmp_path), data_path=fk_data))
+    cfg = CDSRConfig("SASRec", "food-kitchen", config_dict=base_config(str(tmp_path), data_path=fk_data, train_view="prefix"))
     ds = create_cdsr_dataset(cfg, cfg.model_class)
     train, valid, test = ds.build()
     # RecBole-style augmentation: one row per prefix, sum(len - 1) over 51,164 sequences
@@ -186,10 +186,20 @@ def test_views_of_real_food_kitchen(tmp_path, fk_data):
         assert train.inter_feat["item_id"][row] == seq[j + 1]
         assert (train.inter_feat["item_id_list"][row][j + 1 :] == 0).all()
 
-    seq_ds = create_cdsr_dataset(cfg, type("M", (), {"TRAIN_VIEW": "sequence"}))
+    cfg_auto = CDSRConfig("SASRec", "food-kitchen", config_dict=base_config(str(tmp_path), data_path=fk_data))
+    seq_ds = create_cdsr_dataset(cfg_auto, type("M", (), {"TRAIN_VIEW": "sequence"}))
     tr2, va2, te2 = seq_ds.build()
     assert len(tr2) == 51164
     assert torch.equal(va2.inter_feat["item_id_list"], valid.inter_feat["item_id_list"])
+
+    # RecBole's SASRec on the whole-sequence view: the same 351,104 targets in 51,164 first
+    # windows plus one row per target beyond the 51st item of the 84 longer sequences
+    cfg3 = CDSRConfig("SASRec", "food-kitchen", config_dict=base_config(str(tmp_path), data_path=fk_data, train_view="sequence"))
+    win = create_cdsr_dataset(cfg3, cfg3.model_class)
+    tr3, va3, _ = win.build()
+    assert win.windows and int((tr3.inter_feat["target_id_list"] > 0).sum()) == 402268 - 51164
+    assert len(tr3) == 52503
+    assert torch.equal(va3.inter_feat["item_id_list"], valid.inter_feat["item_id_list"])
 
 
 def test_training_negatives_come_from_the_positive_domain(tmp_path, slice_data):
@@ -205,3 +215,14 @@ def test_training_negatives_come_from_the_positive_domain(tmp_path, slice_data):
     pos_all = torch.as_tensor(np.repeat(np.concatenate(ds.domain_items), 20))
     negs = train._sampler.sample_by_user_ids(np.zeros(len(pos_all)), pos_all.numpy(), 1)
     assert (dom[negs] == dom[pos_all]).all() and not (negs == pos_all).any()
+
+
+def test_count_true_equals_the_int64_sum_past_the_int16_range():
+    from recbole_cdsr.evaluation.protocol import count_true
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(3, 70000, generator=g) < torch.tensor([[0.0], [1.0], [0.5]])
+    c = count_true(m)
+    assert c.dtype == torch.long and c.tolist() == m.sum(dim=1).tolist()
+    assert c[0] == 0 and c[1] == 70000  # a whole row of True: beyond int16 in one block
+    assert count_true(torch.tensor([[True, False, True]])).tolist() == [2]

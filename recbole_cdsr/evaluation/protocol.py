@@ -35,23 +35,51 @@ def sampled_ranks(scores, targets, negatives):
     """Ranks of ``targets`` among themselves + ``negatives`` ([B, n]) under ``scores`` [B, I]."""
     cand = torch.cat([targets.view(-1, 1), negatives], dim=1)
     s = torch.nan_to_num(scores.gather(1, cand).float(), nan=float("-inf"))
-    return 1 + (s[:, 1:] >= s[:, :1]).sum(dim=1)
+    return 1 + count_true(s[:, 1:] >= s[:, :1])
+
+
+_I16_SPAN = 32767  # columns whose count of True fits an int16
+
+
+def count_true(mask):
+    """Row counts of a bool [B, I] tensor, exactly as ``mask.sum(1)`` (int64). Summed as
+    uint8 into int16 over column blocks of at most 32,767 (no overflow), which is ~20x
+    faster on CPU than the int64 sum of bools."""
+    if mask.device.type != "cpu":
+        return mask.sum(dim=1)
+    u = mask.view(torch.uint8)
+    out = None
+    for a in range(0, u.size(1), _I16_SPAN):
+        c = u[:, a : a + _I16_SPAN].sum(dim=1, dtype=torch.int16).long()
+        out = c if out is None else out + c
+    return out if out is not None else mask.new_zeros(mask.size(0), dtype=torch.long)
 
 
 def full_ranks(scores, targets, in_domain, histories=None):
     """Ranks of ``targets`` among all items where ``in_domain`` [B, I] is True.
 
     ``histories`` [B, L] (padded with 0), when given, are removed from the ranking too.
+    The target and the padding item 0 never count against the target.
     """
-    scores = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    scores = scores.float()
+    if bool(torch.isnan(scores.sum())):  # one fast reduction; NaN (or inf - inf) only then
+        scores = torch.nan_to_num(scores, nan=float("-inf"))
     rows = torch.arange(len(targets), device=scores.device)
-    mask = in_domain.clone()
-    if histories is not None:
-        mask.scatter_(1, histories, False)
-    mask[rows, targets] = False
-    mask[:, 0] = False
     t = scores[rows, targets].view(-1, 1)
-    return 1 + ((scores >= t) & mask).sum(dim=1)
+    if histories is not None:
+        mask = in_domain.clone()
+        mask.scatter_(1, histories, False)
+        mask[rows, targets] = False
+        mask[:, 0] = False
+        return 1 + count_true((scores >= t) & mask)
+    # one [B, I] pass: count in-domain items scoring >= the target, then take out the
+    # target itself (always >= itself) and the padding item when they were counted
+    ge = scores >= t
+    ge &= in_domain
+    count = count_true(ge)
+    count -= ge[rows, targets].long()
+    count -= (ge[:, 0] & (targets != 0)).long()
+    return 1 + count
 
 
 def instance_metric(ranks, metric, k):

@@ -1,0 +1,263 @@
+"""Training and evaluation speed of RecBole's models: RecBole's padded prefix path vs ours.
+
+    python benchmarks/train_speed.py --data_path dataset --models SASRec,BERT4Rec --steps 10
+
+For each model, in this one process, with the same batch size (the model's default,
+RecBole's 2048 unless ``--batch_size``), threads and device:
+
+``recbole``
+    RecBole as it comes: the prefix view, every history padded to MAX_ITEM_LIST_LENGTH,
+    ``calculate_loss``, RecBole's own layers (``fast_layers: False``).
+``prefix``
+    ours on the prefix view: the run's defaults (length-grouped batches trimmed to their
+    longest history when the model is exact under trimming, the fused loss, ``fast_layers``).
+``sequence``
+    ours on the whole-sequence view (SASRec, GRU4Rec): batches of up to ``batch_size``
+    targets, every target of a sequence in one pass.
+
+Seconds per Food-Kitchen training epoch are extrapolated from ``--steps`` timed steps after
+``--warmup`` untimed ones (default 5: with the tuned allocator, a full-logits step is slow
+until the heap has grown, ~4 steps here) (collate, forward, backward, optimiser step; the batches of our
+paths are a random sample of the epoch's, as the epoch shuffles them). Evaluation seconds
+rank the validation and test splits once under both protocols, padded and (where exact)
+trimmed. The "loss head" is the time of the loss alone over the epoch's targets: random
+sequence states [batch, hidden] scored against every item with cross-entropy and
+backpropagated (RecBole's matmul + ``CrossEntropyLoss``, and the fused one), the floor for
+any padding change; ``our/floor`` divides our epoch by RecBole's head.
+
+Prints a table, then ``ratio MODEL VIEW X.XX`` (RecBole's seconds per epoch / ours) per model
+and view and ``ratio MODEL eval X.XX``.
+"""
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build(model, args, **over):
+    from recbole.utils import init_seed
+
+    from recbole_cdsr.config import CDSRConfig
+    from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset
+    from recbole_cdsr.model.layers import fast_layers
+    from recbole_cdsr.trainer.trainer import CDSRTrainer
+    from recbole_cdsr.utils import disable_anomaly_detection
+
+    cfg = {
+        "data_path": args.data_path, "show_progress": False, "state": "WARNING",
+        "use_gpu": args.use_gpu, "checkpoint_dir": "saved/bench", "pretrain_epochs": 1,
+    }
+    if args.batch_size:
+        cfg["train_batch_size"] = args.batch_size
+    cfg.update(over)
+    config = CDSRConfig(model, args.dataset, config_dict=cfg)
+    init_seed(config["seed"], True)
+    ds = create_cdsr_dataset(config, config.model_class)
+    train, valid, test = cdsr_data_preparation(config, ds)
+    net = config.model_class(config, train._dataset).to(config["device"])
+    if config["fast_layers"]:
+        fast_layers(net)
+    disable_anomaly_detection()
+    trainer = CDSRTrainer(config, net)
+    if model == "S3Rec":
+        from recbole_cdsr.trainer.s3rec import S3RecCDSRTrainer
+
+        trainer = S3RecCDSRTrainer(config, net)
+        trainer._switch_to_finetune()
+    from recbole_cdsr.model.whole_sequence import training_loss
+
+    loss_fn, loss_path = training_loss(net, ds.train_view, fused=config["fused_loss"] is not False)
+    return config, ds, train, valid, test, net, trainer, loss_fn, loss_path
+
+
+def time_steps(net, trainer, train, loss_fn, steps, warmup, device):
+    net.train()
+    n_batches = len(train)
+    it = iter(train)
+    times, targets = [], []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for k in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(train)
+            batch = next(it)
+        batch = batch.to(device)
+        if "MASK_INDEX" in batch.interaction:  # BERT4Rec: the masked slots that count
+            targets.append(int((batch["MASK_INDEX"] > 0).sum()))
+        trainer.optimizer.zero_grad()
+        loss = loss_fn(batch)
+        loss.backward()
+        trainer.optimizer.step()
+        sync()
+        if k >= warmup:
+            times.append(time.perf_counter() - t0)
+    return float(np.mean(times)), n_batches, (float(np.mean(targets)) * n_batches if targets else None)
+
+
+def time_eval(config, ds, net, loaders):
+    from recbole_cdsr.evaluation.protocol import ProtocolEvaluator
+
+    ev = ProtocolEvaluator(config, ds.domain_mask())
+    best = None
+    for _ in range(3):  # the fastest of three passes over both splits
+        t0 = time.perf_counter()
+        for ld in loaders:
+            ev.rank(net, ld)
+        dt = time.perf_counter() - t0
+        best = dt if best is None else min(best, dt)
+    return best
+
+
+def loss_head(n_targets, batch, hidden, n_items, steps, device, fused):
+    from recbole_cdsr.model.fused_ce import linear_cross_entropy
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    w = (torch.randn(n_items, hidden, generator=g) * 0.02).to(device).requires_grad_()
+    h = torch.randn(batch, hidden, generator=g).to(device).requires_grad_()
+    t = torch.randint(1, n_items, (batch,), generator=g).to(device)
+    times = []
+    warm = 4  # the tuned allocator grows its heap over the first few full-logits steps
+    for k in range(steps + warm):
+        w.grad = h.grad = None
+        t0 = time.perf_counter()
+        if fused:
+            loss = linear_cross_entropy(h, w, t)
+        else:
+            loss = torch.nn.functional.cross_entropy(h @ w.t(), t)
+        loss.backward()
+        if k >= warm:
+            times.append(time.perf_counter() - t0)
+    return float(np.mean(times)) * n_targets / batch
+
+
+def head_seconds_per_batch(batch, hidden, n_items, fused, args):
+    """The loss head's mean seconds per batch, measured in a fresh process (the big
+    allocations of a full-logits head time very differently in a process that has already
+    trained models)."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--_head", f"{batch},{hidden},{n_items},{int(fused)}"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.use_gpu:
+        cmd += ["--use_gpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    return float(out[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data_path", default="dataset")
+    ap.add_argument("--dataset", default="food-kitchen")
+    ap.add_argument("--models", default="SASRec,GRU4Rec,BERT4Rec,NARM,STAMP,SRGNN")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch_size", type=int, default=None, help="train_batch_size (default: the model's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--use_gpu", action="store_true")
+    ap.add_argument("--no_eval", action="store_true")
+    ap.add_argument("--_head", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._head:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        from recbole_cdsr.utils import tune_cpu_allocator
+
+        device = torch.device("cuda" if args.use_gpu else "cpu")
+        if not args.use_gpu:
+            tune_cpu_allocator()
+        b, h, n, f = (int(x) for x in args._head.split(","))
+        print(loss_head(b, b, h, n, 8, device, fused=bool(f)))
+        return
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from recbole_cdsr.model.whole_sequence import SEQUENCE_MODELS
+    from recbole_cdsr.utils import tune_cpu_allocator
+
+    if not args.use_gpu:
+        tune_cpu_allocator()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    print(f"threads {torch.get_num_threads()}, steps {args.steps} after {args.warmup} warm-up", flush=True)
+    rows, ratios, heads = [], [], {}
+    for model in models:
+        res = {}
+        # RecBole as it comes
+        config, ds, train, valid, test, net, trainer, _, _ = build(
+            model, args, dynamic_padding="off", fused_loss=False, fast_layers=False, train_view="prefix")
+        device = config["device"]
+        s, nb, _ = time_steps(net, trainer, train, net.calculate_loss, args.steps, args.warmup, device)
+        res["recbole"] = (s * nb, s, nb, "calculate_loss", False)
+        n_targets = len(train._dataset)
+        bs = config["train_batch_size"]
+        emb = getattr(net, "item_embedding", None)
+        hidden = int(emb.embedding_dim) if isinstance(emb, torch.nn.Embedding) else 64
+        has_ce = str(config["loss_type"]).upper() == "CE"
+        eval_full = None if args.no_eval else time_eval(config, ds, net, (valid, test))
+        print(f"{model} recbole: {s:.3f} s/step x {nb} = {s * nb:.1f} s/epoch", flush=True)
+        del net, trainer, train
+        # ours, prefix view
+        config, ds, train, valid, test, net, trainer, loss_fn, path = build(model, args, train_view="prefix")
+        s, nb, masked = time_steps(net, trainer, train, loss_fn, args.steps, args.warmup, device)
+        dyn = bool(getattr(train, "dynamic_padding", False))
+        res["prefix"] = (s * nb, s, nb, path, dyn)
+        if masked is not None:
+            n_targets = int(masked)  # BERT4Rec's epoch scores its masked slots, not one per row
+        eval_ours = None if args.no_eval else time_eval(config, ds, net, (valid, test))
+        print(f"{model} prefix: {s:.3f} s/step x {nb} = {s * nb:.1f} s/epoch ({path}, dynamic padding {dyn})", flush=True)
+        del net, trainer, train
+        if model in SEQUENCE_MODELS:
+            config, ds, train, valid, test, net, trainer, loss_fn, path = build(model, args, train_view="sequence")
+            s, nb, _ = time_steps(net, trainer, train, loss_fn, args.steps, args.warmup, device)
+            dyn = bool(getattr(train, "dynamic_padding", False))
+            res["sequence"] = (s * nb, s, nb, path, dyn)
+            print(f"{model} sequence: {s:.3f} s/step x {nb} = {s * nb:.1f} s/epoch ({path})", flush=True)
+            del net, trainer, train
+        n_items = ds.item_num
+        floor = floor_fused = None
+        if has_ce:
+            key = (bs, hidden, n_items)
+            if key not in heads:
+                heads[key] = tuple(head_seconds_per_batch(bs, hidden, n_items, f, args) for f in (False, True))
+            floor, floor_fused = (x * n_targets / bs for x in heads[key])
+        base = res["recbole"][0]
+        for view, (epoch, s, nb, path, dyn) in res.items():
+            rows.append((model, view, s, nb, epoch, base / epoch, None if floor is None else epoch / floor, path, dyn))
+            if view != "recbole":
+                ratios.append(f"ratio {model} {view} {base / epoch:.2f}")
+        if floor is not None:
+            rows.append((model, "loss head", None, None, floor, None, 1.0, f"matmul + CE, {n_targets} targets", None))
+            rows.append((model, "fused head", None, None, floor_fused, None, floor_fused / floor, "fused CE", None))
+        if eval_full is not None:
+            rows.append((model, "eval padded", None, None, eval_full, None, None, "valid + test", False))
+            rows.append((model, "eval ours", None, None, eval_ours, eval_full / eval_ours, None, "valid + test",
+                         res["prefix"][4]))
+            ratios.append(f"ratio {model} eval {eval_full / eval_ours:.2f}")
+    print()
+    print(f"{'model':<10} {'path':<12} {'s/step':>7} {'steps':>6} {'s/epoch':>8} {'speed-up':>8} {'/floor':>7}  loss, trimmed")
+    for model, view, s, nb, epoch, up, fl, path, dyn in rows:
+        print(
+            f"{model:<10} {view:<12} {'' if s is None else f'{s:.3f}':>7} {'' if nb is None else nb:>6} "
+            f"{epoch:>8.1f} {'' if up is None else f'{up:.2f}x':>8} {'' if fl is None else f'{fl:.2f}':>7}  "
+            f"{path}{'' if dyn is None else (', trimmed' if dyn else ', padded')}"
+        )
+    print()
+    for r in ratios:
+        print(r)
+
+
+if __name__ == "__main__":
+    main()
