@@ -19,8 +19,10 @@ Seconds per Food-Kitchen training epoch are extrapolated from ``--steps`` timed 
 ``--warmup`` untimed ones (default 5: with the tuned allocator, a full-logits step is slow
 until the heap has grown, ~4 steps here) (collate, forward, backward, optimiser step; the batches of our
 paths are a random sample of the epoch's, as the epoch shuffles them). Evaluation seconds
-rank the validation and test splits once under both protocols, padded and (where exact)
-trimmed. The "loss head" is the time of the loss alone over the epoch's targets: random
+rank the validation and test splits under both protocols (the fastest of three passes),
+padded and (where exact) trimmed; the "eval floor" is the same with the encoder replaced by
+random states (scoring every history against all items and ranking: what no padding change
+can remove). The "loss head" is the time of the loss alone over the epoch's targets: random
 sequence states [batch, hidden] scored against every item with cross-entropy and
 backpropagated (RecBole's matmul + ``CrossEntropyLoss``, and the fused one), the floor for
 any padding change; ``our/floor`` divides our epoch by RecBole's head.
@@ -120,6 +122,21 @@ def time_eval(config, ds, net, loaders):
     return best
 
 
+class _ScoreOnly(torch.nn.Module):
+    """A stand-in model whose ``full_sort_predict`` is only the scoring: random sequence
+    states against every item embedding (what any history costs after the encoder)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight.detach()
+        self.gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def full_sort_predict(self, interaction):
+        n = len(interaction)
+        h = torch.randn(n, self.weight.size(1), generator=self.gen).to(self.weight.device)
+        return h @ self.weight.t()
+
+
 def loss_head(n_targets, batch, hidden, n_items, steps, device, fused):
     from recbole_cdsr.model.fused_ce import linear_cross_entropy
 
@@ -154,14 +171,16 @@ def head_seconds_per_batch(batch, hidden, n_items, fused, args):
     if args.use_gpu:
         cmd += ["--use_gpu"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
-    return float(out[-1])
+    sec, rss = out[-1].split()
+    return float(sec), float(rss)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data_path", default="dataset")
     ap.add_argument("--dataset", default="food-kitchen")
-    ap.add_argument("--models", default="SASRec,GRU4Rec,BERT4Rec,NARM,STAMP,SRGNN")
+    ap.add_argument("--models", default="SASRec,GRU4Rec,BERT4Rec,NARM,STAMP,SRGNN",
+                    help="comma-separated RecBole model names, or 'all' (every model the protocol runs)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch_size", type=int, default=None, help="train_batch_size (default: the model's)")
@@ -178,8 +197,12 @@ def main():
         device = torch.device("cuda" if args.use_gpu else "cpu")
         if not args.use_gpu:
             tune_cpu_allocator()
+        import resource
+
         b, h, n, f = (int(x) for x in args._head.split(","))
-        print(loss_head(b, b, h, n, 8, device, fused=bool(f)))
+        sec = loss_head(b, b, h, n, 8, device, fused=bool(f))
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+        print(sec, peak_mb)
         return
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
@@ -191,8 +214,12 @@ def main():
     if not args.use_gpu:
         tune_cpu_allocator()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if models == ["all"]:
+        from recbole_cdsr.registry import UNSUPPORTED_RECBOLE_MODELS, recbole_sequential_models
+
+        models = [m for m in recbole_sequential_models() if m not in UNSUPPORTED_RECBOLE_MODELS]
     print(f"threads {torch.get_num_threads()}, steps {args.steps} after {args.warmup} warm-up", flush=True)
-    rows, ratios, heads = [], [], {}
+    rows, ratios, heads, mem = [], [], {}, []
     for model in models:
         res = {}
         # RecBole as it comes
@@ -217,6 +244,9 @@ def main():
         if masked is not None:
             n_targets = int(masked)  # BERT4Rec's epoch scores its masked slots, not one per row
         eval_ours = None if args.no_eval else time_eval(config, ds, net, (valid, test))
+        eval_floor = None
+        if not args.no_eval and isinstance(getattr(net, "item_embedding", None), torch.nn.Embedding):
+            eval_floor = time_eval(config, ds, _ScoreOnly(net.item_embedding.weight), (valid, test))
         print(f"{model} prefix: {s:.3f} s/step x {nb} = {s * nb:.1f} s/epoch ({path}, dynamic padding {dyn})", flush=True)
         del net, trainer, train
         if model in SEQUENCE_MODELS:
@@ -232,7 +262,9 @@ def main():
             key = (bs, hidden, n_items)
             if key not in heads:
                 heads[key] = tuple(head_seconds_per_batch(bs, hidden, n_items, f, args) for f in (False, True))
-            floor, floor_fused = (x * n_targets / bs for x in heads[key])
+            (floor, rss), (floor_fused, rss_fused) = ((x * n_targets / bs, m) for x, m in heads[key])
+            mem.append(f"memory {model} loss head peak RSS {rss:.0f} MB, fused {rss_fused:.0f} MB "
+                       f"(a fresh process, batch {bs}, {n_items} items)")
         base = res["recbole"][0]
         for view, (epoch, s, nb, path, dyn) in res.items():
             rows.append((model, view, s, nb, epoch, base / epoch, None if floor is None else epoch / floor, path, dyn))
@@ -246,6 +278,9 @@ def main():
             rows.append((model, "eval ours", None, None, eval_ours, eval_full / eval_ours, None, "valid + test",
                          res["prefix"][4]))
             ratios.append(f"ratio {model} eval {eval_full / eval_ours:.2f}")
+            if eval_floor is not None:
+                rows.append((model, "eval floor", None, None, eval_floor, None, None,
+                             "scoring + ranking only (random states)", None))
     print()
     print(f"{'model':<10} {'path':<12} {'s/step':>7} {'steps':>6} {'s/epoch':>8} {'speed-up':>8} {'/floor':>7}  loss, trimmed")
     for model, view, s, nb, epoch, up, fl, path, dyn in rows:
@@ -255,6 +290,8 @@ def main():
             f"{path}{'' if dyn is None else (', trimmed' if dyn else ', padded')}"
         )
     print()
+    for r in mem:
+        print(r)
     for r in ratios:
         print(r)
 

@@ -285,6 +285,9 @@ def test_leaderboard_means_stds_and_paired_test_match_a_hand_computation(tmp_pat
     spe = [sum(ln["timing"]["train_epoch_seconds"]) / ln["timing"]["train_steps"] * ln["timing"]["batches_per_epoch"]
            for ln in lines if ln["name"] == "SASRec"]
     assert float(by[("full", "A", "SASRec", "hit@10")]["sec_per_epoch"]) == pytest.approx(statistics.mean(spe))
+    # how each model trained (the defaults: SASRec on whole sequences, batches trimmed)
+    assert by[("full", "A", "SASRec", "hit@10")]["view"] == "sequence + trimmed"
+    assert all(ln["speed"]["loss_path"] == "sequence_fused_ce" for ln in lines if ln["name"] == "SASRec")
     # the chart is a real PNG with content
     import matplotlib.image
 

@@ -146,8 +146,9 @@ def model_env(tmp_path_factory, slice_data):
 
 
 def _build(model, tmp, data, **kw):
+    kw.setdefault("dynamic_padding", "off")
     cfg = base_config(tmp, data_path=data, train_batch_size=24, eval_batch_size=24, eval_neg_num=20,
-                      dynamic_padding="off", pretrain_epochs=1, **kw)
+                      pretrain_epochs=1, **kw)
     config = CDSRConfig(model, "fk-slice", config_dict=cfg)
     _seed(config["seed"])
     ds = create_cdsr_dataset(config, config.model_class)
@@ -348,3 +349,40 @@ def test_trimmed_evaluation_gives_the_same_ranks(model_env):
     trimmed = ev.rank(net, trimmed_loader)
     for p in full:
         assert torch.equal(full[p], trimmed[p])
+
+
+@pytest.mark.parametrize("view", ["prefix", "sequence"])
+def test_length_grouped_loader_epochs(model_env, view):
+    """Every training row once per epoch, each batch cut to its longest history (and, on the
+    whole-sequence view, at most train_batch_size targets); epochs differ; the same seed
+    gives the same batches."""
+    from recbole_cdsr.data.length_groups import LengthGroupedTrainDataLoader
+
+    tmp, data = model_env
+    epochs = []
+    for _ in range(2):
+        config, ds, train, _, _ = _build("SASRec", tmp, data, train_view=view, dynamic_padding="auto",
+                                         length_group_batches=4)
+        assert isinstance(train, LengthGroupedTrainDataLoader) and train.dynamic_padding
+        n_rows = len(train._dataset)
+        runs = []
+        for _ in range(2):
+            n = len(train)
+            batches = list(train)
+            assert len(batches) == n
+            users, count = [], 0
+            for b in batches:
+                assert b["item_id_list"].size(1) == int(b["item_length"].max())
+                if view == "sequence":
+                    assert b[TARGET_LIST_FIELD].shape == b["item_id_list"].shape
+                    t = int((b[TARGET_LIST_FIELD] > 0).sum())
+                    assert t <= 24 or len(b) == 1
+                    count += t
+                users.extend(b["user_id"].tolist())
+            assert len(users) == n_rows
+            runs.append(users)
+        assert runs[0] != runs[1] and sorted(runs[0]) == sorted(runs[1])
+        epochs.append(runs)
+        if view == "sequence":
+            assert count == int((train._dataset.inter_feat[TARGET_LIST_FIELD] > 0).sum())
+    assert epochs[0] == epochs[1]

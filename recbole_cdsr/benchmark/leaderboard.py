@@ -100,6 +100,19 @@ def paired_p_value(x, y):
     return float(stats.ttest_rel(x, y).pvalue)
 
 
+def training_view(lines):
+    """How a model's runs trained: ``sequence``/``prefix``, ``+ trimmed`` with dynamic
+    padding (lines written before the ``speed`` record: their ``train_view``, padded)."""
+    views = []
+    for ln in lines:
+        sp = ln.get("speed") or {}
+        v = sp.get("train_view") or ln.get("train_view") or "?"
+        v += " + trimmed" if sp.get("dynamic_padding") else ""
+        if v not in views:
+            views.append(v)
+    return " / ".join(views)
+
+
 def summarize(spec, dataset, by_name):
     """Rows of one dataset's leaderboard: one dict per (protocol, domain, model, metric)."""
     names = [m.name for m in spec.models if m.name in by_name]
@@ -132,6 +145,7 @@ def summarize(spec, dataset, by_name):
                         best=(n == best), best_baseline=best_base, p_value=p,
                         significant=(not math.isnan(p) and p < ALPHA),
                         sec_per_epoch=_mean_std([seconds_per_epoch(ln) for ln in by_name[n]])[0],
+                        view=training_view(by_name[n]),
                     ))
     return rows
 
@@ -179,12 +193,13 @@ def _table(rows, protocol, metrics, timing):
     idx = {(r["protocol"], r["domain"], r["model"], r["metric"]): r for r in rows}
     seeds = {r["model"]: r["seeds"] for r in rows}
     spe = {r["model"]: r["sec_per_epoch"] for r in rows}
-    head = ["model"] + [f"{d} {LABEL[m]}" for d in domains for m in metrics] + (["s/epoch", "seeds"] if timing else [])
+    view = {r["model"]: r.get("view", "?") for r in rows}
+    head = ["model"] + [f"{d} {LABEL[m]}" for d in domains for m in metrics] + (["s/epoch", "seeds", "training view"] if timing else [])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in names:
         cells = [n] + [_cell(idx[(protocol, d, n, m)]) for d in domains for m in metrics]
         if timing:
-            cells += ["-" if math.isnan(spe[n]) else f"{spe[n]:.1f}", str(seeds[n])]
+            cells += ["-" if math.isnan(spe[n]) else f"{spe[n]:.1f}", str(seeds[n]), view[n]]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -218,11 +233,11 @@ def to_markdown(spec, dataset, rows, missing=None, code=None):
 def to_csv(rows):
     out = io.StringIO()
     fields = ["dataset", "protocol", "domain", "model", "metric", "mean", "std", "seeds", "best",
-              "best_baseline", "p_value", "significant", "sec_per_epoch"]
+              "best_baseline", "p_value", "significant", "sec_per_epoch", "view"]
     w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if isinstance(r[k], float) and math.isnan(r[k]) else r[k]) for k in fields})
+        w.writerow({k: ("" if isinstance(r.get(k), float) and math.isnan(r[k]) else r.get(k, "")) for k in fields})
     return out.getvalue()
 
 
