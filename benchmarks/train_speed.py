@@ -159,6 +159,21 @@ def loss_head(n_targets, batch, hidden, n_items, steps, device, fused):
     return float(np.mean(times)) * n_targets / batch
 
 
+def peak_rss_mb():
+    """This process's peak resident memory (VmHWM; ``ru_maxrss`` would carry the parent's
+    peak over from before the exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for ln in f:
+                if ln.startswith("VmHWM:"):
+                    return float(ln.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def head_seconds_per_batch(batch, hidden, n_items, fused, args):
     """The loss head's mean seconds per batch, measured in a fresh process (the big
     allocations of a full-logits head time very differently in a process that has already
@@ -197,12 +212,9 @@ def main():
         device = torch.device("cuda" if args.use_gpu else "cpu")
         if not args.use_gpu:
             tune_cpu_allocator()
-        import resource
-
         b, h, n, f = (int(x) for x in args._head.split(","))
         sec = loss_head(b, b, h, n, 8, device, fused=bool(f))
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-        print(sec, peak_mb)
+        print(sec, peak_rss_mb())
         return
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
