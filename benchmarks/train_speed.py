@@ -215,12 +215,11 @@ def main():
         b, h, n, f = (int(x) for x in args._head.split(","))
         sec = loss_head(b, b, h, n, 8, device, fused=bool(f))
         print(sec, peak_rss_mb())
-        return
+        return 0
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from recbole_cdsr.model.whole_sequence import SEQUENCE_MODELS
     from recbole_cdsr.utils import tune_cpu_allocator
 
     if not args.use_gpu:
@@ -231,82 +230,114 @@ def main():
 
         models = [m for m in recbole_sequential_models() if m not in UNSUPPORTED_RECBOLE_MODELS]
     print(f"threads {torch.get_num_threads()}, steps {args.steps} after {args.warmup} warm-up", flush=True)
-    rows, ratios, heads, mem = [], [], {}, []
+    rows, ratios, heads, mem, failed = [], [], {}, [], []
     for model in models:
-        res = {}
-        # RecBole as it comes
-        config, ds, train, valid, test, net, trainer, _, _ = build(
-            model, args, dynamic_padding="off", fused_loss=False, fast_layers=False, train_view="prefix")
-        device = config["device"]
-        s, nb, _ = time_steps(net, trainer, train, net.calculate_loss, args.steps, args.warmup, device)
-        res["recbole"] = (s * nb, s, nb, "calculate_loss", False)
-        n_targets = len(train._dataset)
-        bs = config["train_batch_size"]
-        emb = getattr(net, "item_embedding", None)
-        hidden = int(emb.embedding_dim) if isinstance(emb, torch.nn.Embedding) else 64
-        has_ce = str(config["loss_type"]).upper() == "CE"
-        eval_full = None if args.no_eval else time_eval(config, ds, net, (valid, test))
-        print(f"{model} recbole: {s:.3f} s/step x {nb} = {s * nb:.1f} s/epoch", flush=True)
-        del net, trainer, train
-        # ours, prefix view
-        config, ds, train, valid, test, net, trainer, loss_fn, path = build(model, args, train_view="prefix")
-        s, nb, masked = time_steps(net, trainer, train, loss_fn, args.steps, args.warmup, device)
-        dyn = bool(getattr(train, "dynamic_padding", False))
-        res["prefix"] = (s * nb, s, nb, path, dyn)
-        if masked is not None:
-            n_targets = int(masked)  # BERT4Rec's epoch scores its masked slots, not one per row
-        eval_ours = None if args.no_eval else time_eval(config, ds, net, (valid, test))
-        eval_floor = None
-        if not args.no_eval and isinstance(getattr(net, "item_embedding", None), torch.nn.Embedding):
-            eval_floor = time_eval(config, ds, _ScoreOnly(net.item_embedding.weight), (valid, test))
-        print(f"{model} prefix: {s:.3f} s/step x {nb} = {s * nb:.1f} s/epoch ({path}, dynamic padding {dyn})", flush=True)
-        del net, trainer, train
-        if model in SEQUENCE_MODELS:
-            config, ds, train, valid, test, net, trainer, loss_fn, path = build(model, args, train_view="sequence")
-            s, nb, _ = time_steps(net, trainer, train, loss_fn, args.steps, args.warmup, device)
-            dyn = bool(getattr(train, "dynamic_padding", False))
-            res["sequence"] = (s * nb, s, nb, path, dyn)
-            print(f"{model} sequence: {s:.3f} s/step x {nb} = {s * nb:.1f} s/epoch ({path})", flush=True)
-            del net, trainer, train
-        n_items = ds.item_num
-        floor = floor_fused = None
-        if has_ce:
-            key = (bs, hidden, n_items)
-            if key not in heads:
-                heads[key] = tuple(head_seconds_per_batch(bs, hidden, n_items, f, args) for f in (False, True))
-            (floor, rss), (floor_fused, rss_fused) = ((x * n_targets / bs, m) for x, m in heads[key])
-            mem.append(f"memory {model} loss head peak RSS {rss:.0f} MB, fused {rss_fused:.0f} MB "
-                       f"(a fresh process, batch {bs}, {n_items} items)")
-        base = res["recbole"][0]
-        for view, (epoch, s, nb, path, dyn) in res.items():
-            rows.append((model, view, s, nb, epoch, base / epoch, None if floor is None else epoch / floor, path, dyn))
-            if view != "recbole":
-                ratios.append(f"ratio {model} {view} {base / epoch:.2f}")
-        if floor is not None:
-            rows.append((model, "loss head", None, None, floor, None, 1.0, f"matmul + CE, {n_targets} targets", None))
-            rows.append((model, "fused head", None, None, floor_fused, None, floor_fused / floor, "fused CE", None))
-        if eval_full is not None:
-            rows.append((model, "eval padded", None, None, eval_full, None, None, "valid + test", False))
-            rows.append((model, "eval ours", None, None, eval_ours, eval_full / eval_ours, None, "valid + test",
-                         res["prefix"][4]))
-            ratios.append(f"ratio {model} eval {eval_full / eval_ours:.2f}")
-            if eval_floor is not None:
-                rows.append((model, "eval floor", None, None, eval_floor, None, None,
-                             "scoring + ranking only (random states)", None))
+        try:
+            r, q, m = measure_model(model, args, heads)
+        except Exception as e:  # noqa: BLE001 - one model's failure must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            print(f"{model} failed: {type(e).__name__}: {e}", flush=True)
+            failed.append(model)
+            continue
+        print_table(r)
+        rows += r
+        ratios += q
+        mem += m
     print()
-    print(f"{'model':<10} {'path':<12} {'s/step':>7} {'steps':>6} {'s/epoch':>8} {'speed-up':>8} {'/floor':>7}  loss, trimmed")
-    for model, view, s, nb, epoch, up, fl, path, dyn in rows:
-        print(
-            f"{model:<10} {view:<12} {'' if s is None else f'{s:.3f}':>7} {'' if nb is None else nb:>6} "
-            f"{epoch:>8.1f} {'' if up is None else f'{up:.2f}x':>8} {'' if fl is None else f'{fl:.2f}':>7}  "
-            f"{path}{'' if dyn is None else (', trimmed' if dyn else ', padded')}"
-        )
+    print_table(rows)
     print()
     for r in mem:
         print(r)
     for r in ratios:
         print(r)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+def print_table(rows):
+    print(f"{'model':<10} {'path':<12} {'s/step':>7} {'steps':>6} {'s/epoch':>8} {'speed-up':>8} {'/floor':>7}  loss, trimmed")
+    for model, view, s, nb, epoch, up, fl, path, dyn in rows:
+        print(
+            f"{model:<10} {view:<12} {'' if s is None else f'{s:.3f}':>7} {'' if nb is None else nb:>6} "
+            f"{epoch:>8.1f} {'' if up is None else f'{up:.2f}x':>8} {'' if fl is None else f'{fl:.2f}':>7}  "
+            f"{path}{'' if dyn is None else (', trimmed' if dyn else ', padded')}",
+            flush=True,
+        )
+
+
+def measure_model(model, args, heads):
+    """Rows of the table, ``ratio`` lines and ``memory`` lines of one model."""
+    from recbole_cdsr.model.whole_sequence import SEQUENCE_MODELS
+
+    rows, ratios, mem = [], [], []
+    res = {}
+    # RecBole as it comes
+    config, ds, train, valid, test, net, trainer, _, _ = build(
+        model, args, dynamic_padding="off", fused_loss=False, fast_layers=False, train_view="prefix")
+    device = config["device"]
+    s, nb, _ = time_steps(net, trainer, train, net.calculate_loss, args.steps, args.warmup, device)
+    res["recbole"] = (s * nb, s, nb, "calculate_loss", False)
+    n_targets = len(train._dataset)
+    bs = config["train_batch_size"]
+    n_items = ds.item_num
+    emb = getattr(net, "item_embedding", None)
+    hidden = int(emb.embedding_dim) if isinstance(emb, torch.nn.Embedding) else 64
+    has_ce = str(config["loss_type"]).upper() == "CE"
+    eval_full = None if args.no_eval else time_eval(config, ds, net, (valid, test))
+    print(f"{model} recbole: {s:.3f} s/step x {nb} = {s * nb:.1f} s/epoch", flush=True)
+    del net, trainer, train
+    # ours, prefix view
+    config, ds, train, valid, test, net, trainer, loss_fn, path = build(model, args, train_view="prefix")
+    s, nb, masked = time_steps(net, trainer, train, loss_fn, args.steps, args.warmup, device)
+    dyn = bool(getattr(train, "dynamic_padding", False))
+    res["prefix"] = (s * nb, s, nb, path, dyn)
+    if masked is not None:
+        n_targets = int(masked)  # BERT4Rec's epoch scores its masked slots, not one per row
+    eval_ours = None if args.no_eval else time_eval(config, ds, net, (valid, test))
+    eval_floor = None
+    if not args.no_eval and isinstance(getattr(net, "item_embedding", None), torch.nn.Embedding):
+        # the first item_num rows: BERT4Rec and S3Rec keep a mask token after them
+        w = net.item_embedding.weight[:n_items]
+        eval_floor = time_eval(config, ds, _ScoreOnly(w), (valid, test))
+    print(f"{model} prefix: {s:.3f} s/step x {nb} = {s * nb:.1f} s/epoch ({path}, dynamic padding {dyn})", flush=True)
+    del net, trainer, train
+    if model in SEQUENCE_MODELS:
+        config, ds, train, valid, test, net, trainer, loss_fn, path = build(model, args, train_view="sequence")
+        s, nb, _ = time_steps(net, trainer, train, loss_fn, args.steps, args.warmup, device)
+        dyn = bool(getattr(train, "dynamic_padding", False))
+        res["sequence"] = (s * nb, s, nb, path, dyn)
+        print(f"{model} sequence: {s:.3f} s/step x {nb} = {s * nb:.1f} s/epoch ({path})", flush=True)
+        del net, trainer, train
+    floor = floor_fused = None
+    if has_ce:
+        key = (bs, hidden, n_items)
+        if key not in heads:
+            heads[key] = tuple(head_seconds_per_batch(bs, hidden, n_items, f, args) for f in (False, True))
+        (floor, rss), (floor_fused, rss_fused) = ((x * n_targets / bs, m) for x, m in heads[key])
+        mem.append(f"memory {model} loss head peak RSS {rss:.0f} MB, fused {rss_fused:.0f} MB "
+                   f"(a fresh process, batch {bs}, {n_items} items)")
+    base = res["recbole"][0]
+    for view, (epoch, s, nb, path, dyn) in res.items():
+        rows.append((model, view, s, nb, epoch, base / epoch, None if floor is None else epoch / floor, path, dyn))
+        if view != "recbole":
+            ratios.append(f"ratio {model} {view} {base / epoch:.2f}")
+    if floor is not None:
+        rows.append((model, "loss head", None, None, floor, None, 1.0, f"matmul + CE, {n_targets} targets", None))
+        rows.append((model, "fused head", None, None, floor_fused, None, floor_fused / floor, "fused CE", None))
+    if eval_full is not None:
+        rows.append((model, "eval padded", None, None, eval_full, None, None, "valid + test", False))
+        rows.append((model, "eval ours", None, None, eval_ours, eval_full / eval_ours, None, "valid + test",
+                     res["prefix"][4]))
+        ratios.append(f"ratio {model} eval {eval_full / eval_ours:.2f}")
+        if eval_floor is not None:
+            rows.append((model, "eval floor", None, None, eval_floor, None, None,
+                         "scoring + ranking only (random states)", None))
+    return rows, ratios, mem
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

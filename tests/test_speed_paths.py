@@ -386,3 +386,23 @@ def test_length_grouped_loader_epochs(model_env, view):
         if view == "sequence":
             assert count == int((train._dataset.inter_feat[TARGET_LIST_FIELD] > 0).sum())
     assert epochs[0] == epochs[1]
+
+
+def test_dynamic_padding_settings(model_env, caplog):
+    from recbole_cdsr.data.length_groups import resolve_dynamic_padding
+
+    tmp, data = model_env
+    for value, model, expected in (("auto", "SASRec", True), ("auto", "Caser", False), ("off", "SASRec", False),
+                                   (False, "SASRec", False), ("on", "SASRec", True)):
+        cfg = CDSRConfig(model, "fk-slice", config_dict=base_config(tmp, data_path=data, dynamic_padding=value))
+        assert resolve_dynamic_padding(cfg, model) is expected
+    with caplog.at_level("WARNING"):
+        cfg = CDSRConfig("Caser", "fk-slice", config_dict=base_config(tmp, data_path=data, dynamic_padding="on"))
+        assert resolve_dynamic_padding(cfg, "Caser") is True
+    assert "as tall as the padded length" in caplog.text
+    from recbole_cdsr.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dynamic_padding"):
+        CDSRConfig("SASRec", "fk-slice", config_dict=base_config(tmp, data_path=data, dynamic_padding="sometimes"))
+    with pytest.raises(ConfigError, match="length_group_batches"):
+        CDSRConfig("SASRec", "fk-slice", config_dict=base_config(tmp, data_path=data, length_group_batches=0))

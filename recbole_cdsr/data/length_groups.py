@@ -18,6 +18,8 @@ per model by a test (``tests/test_speed_paths.py``); ``dynamic_padding: auto`` t
 only for the models that pass it (:data:`EXACT_UNDER_TRIMMING`).
 """
 
+import logging
+
 import numpy as np
 import torch
 
@@ -58,9 +60,14 @@ def resolve_dynamic_padding(config, model_name):
     mode = config["dynamic_padding"]
     if mode is None or mode == "auto":
         return model_name in EXACT_UNDER_TRIMMING
-    if isinstance(mode, bool):
-        return mode
-    return mode == "on"
+    on = mode if isinstance(mode, bool) else mode == "on"
+    if on and model_name not in EXACT_UNDER_TRIMMING:
+        why = NOT_EXACT_REASON.get(model_name, "it is not among the models tested exact under trimming")
+        logging.getLogger(__name__).warning(
+            f"dynamic_padding: on for {model_name}, although {why}; its results will differ from "
+            "padded batches (dynamic_padding: auto keeps full padding for it)"
+        )
+    return on
 
 
 def trim_batch(interaction, length_field, fields):

@@ -10,7 +10,7 @@
     regularisers are added as its ``calculate_loss`` adds them.
 ``fused_loss`` (prefix view)
     For models whose ``calculate_loss`` is "the sequence representation against every
-    item, cross-entropy" (:data:`FUSED_CE_MODELS`), the same loss through
+    item, cross-entropy" plus their own regularisers (:data:`FUSED_CE_MODELS`), the same loss through
     :func:`~recbole_cdsr.model.fused_ce.linear_cross_entropy`, which never holds the full
     logits. BERT4Rec's CE scores only the masked slots that count (RecBole scores
     ``mask_ratio x MAX_ITEM_LIST_LENGTH`` slots per row against every item, padding
@@ -52,8 +52,36 @@ NO_SEQUENCE_REASON = {
     "STAMP": "its attention reads every position with the last item as the query",
 }
 
-#: models whose prefix-view CE loss is ``CE(forward(item_seq, item_seq_len) @ item_embedding.T)``
-FUSED_CE_MODELS = frozenset({"SASRec", "GRU4Rec", "NARM", "STAMP", "SRGNN", "LightSANs"})
+def _seq_len(m, i):
+    return m.forward(i[m.ITEM_SEQ], i[m.ITEM_SEQ_LEN])
+
+
+#: models whose prefix-view CE loss is ``CE(seq_output @ item_embedding.T)`` (+ the model's
+#: own regularisers): name -> (seq_output(model, interaction), extra(model) or None)
+FUSED_CE = {
+    "SASRec": (_seq_len, None),
+    "GRU4Rec": (_seq_len, None),
+    "NARM": (_seq_len, None),
+    "STAMP": (_seq_len, None),
+    "SRGNN": (_seq_len, None),
+    "LightSANs": (_seq_len, None),
+    "FDSA": (_seq_len, None),
+    "SASRecF": (_seq_len, None),
+    "GRU4RecF": (_seq_len, None),
+    "HRM": (lambda m, i: m.forward(i[m.ITEM_SEQ], i[m.USER_ID], i[m.ITEM_SEQ_LEN]), None),
+    "GCSAN": (_seq_len, lambda m: m.reg_weight * m.reg_loss(m.item_embedding.weight)),
+    "NextItNet": (
+        lambda m, i: m.forward(i[m.ITEM_SEQ]),
+        lambda m: m.reg_weight * m.reg_loss([m.item_embedding.weight, m.final_layer.weight]) + m.reg_loss_rb(),
+    ),
+    "Caser": (
+        lambda m, i: m.forward(i[m.USER_ID], i[m.ITEM_SEQ]),
+        lambda m: m.reg_weight * m.reg_loss(
+            [m.user_embedding.weight, m.item_embedding.weight, m.conv_v.weight, m.fc1.weight, m.fc2.weight]
+        ) + m.reg_loss_conv_h(),
+    ),
+}
+FUSED_CE_MODELS = frozenset(FUSED_CE)
 
 
 def supports_sequence_view(model_class, config=None):
@@ -91,8 +119,9 @@ def sequence_loss(model, interaction, fused=True):
 
 def fused_prefix_loss(model, interaction):
     """RecBole's CE ``calculate_loss`` of the :data:`FUSED_CE_MODELS`, without full logits."""
-    seq_output = model.forward(interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN])
-    return linear_cross_entropy(seq_output, model.item_embedding.weight, interaction[model.POS_ITEM_ID])
+    seq_fn, extra = FUSED_CE[type(model).__name__]
+    loss = linear_cross_entropy(seq_fn(model, interaction), model.item_embedding.weight, interaction[model.POS_ITEM_ID])
+    return loss if extra is None else loss + extra(model)
 
 
 def bert4rec_loss(model, interaction, fused=True):
