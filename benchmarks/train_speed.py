@@ -16,7 +16,8 @@ RecBole's 2048 unless ``--batch_size``), threads and device:
     targets, every target of a sequence in one pass.
 
 Seconds per Food-Kitchen training epoch are extrapolated from ``--steps`` timed steps after
-``--warmup`` untimed ones (default 5: with the tuned allocator, a full-logits step is slow
+``--warmup`` untimed ones, the paths taking their timed steps in turn (so a machine that
+changes speed during the run affects them alike) (default 5: with the tuned allocator, a full-logits step is slow
 until the heap has grown, ~4 steps here) (collate, forward, backward, optimiser step; the batches of our
 paths are a random sample of the epoch's, as the epoch shuffles them). Evaluation seconds
 rank the validation and test splits under both protocols (the fastest of three passes),
@@ -46,13 +47,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build(model, args, **over):
-    from recbole.utils import init_seed
-
     from recbole_cdsr.config import CDSRConfig
-    from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset
-    from recbole_cdsr.model.layers import fast_layers
+    from recbole_cdsr.model.whole_sequence import training_loss
+    from recbole_cdsr.quick_start import build_data_and_model
     from recbole_cdsr.trainer.trainer import CDSRTrainer
-    from recbole_cdsr.utils import disable_anomaly_detection
 
     cfg = {
         "data_path": args.data_path, "show_progress": False, "state": "WARNING",
@@ -62,63 +60,84 @@ def build(model, args, **over):
         cfg["train_batch_size"] = args.batch_size
     cfg.update(over)
     config = CDSRConfig(model, args.dataset, config_dict=cfg)
-    init_seed(config["seed"], True)
-    ds = create_cdsr_dataset(config, config.model_class)
-    train, valid, test = cdsr_data_preparation(config, ds)
-    net = config.model_class(config, train._dataset).to(config["device"])
-    if config["fast_layers"]:
-        fast_layers(net)
-    disable_anomaly_detection()
-    trainer = CDSRTrainer(config, net)
-    if model == "S3Rec":
+    ds, train, valid, test, net = build_data_and_model(config)
+    if model == "S3Rec":  # fine-tuning steps, as S3Rec's run trains after pre-training
         from recbole_cdsr.trainer.s3rec import S3RecCDSRTrainer
 
         trainer = S3RecCDSRTrainer(config, net)
         trainer._switch_to_finetune()
-    from recbole_cdsr.model.whole_sequence import training_loss
-
+    else:
+        trainer = CDSRTrainer(config, net)
     loss_fn, loss_path = training_loss(net, ds.train_view, fused=config["fused_loss"] is not False)
     return config, ds, train, valid, test, net, trainer, loss_fn, loss_path
 
 
-def time_steps(net, trainer, train, loss_fn, steps, warmup, device):
-    net.train()
-    n_batches = len(train)
-    it = iter(train)
-    times, targets = [], []
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for k in range(warmup + steps):
+class TimedPath:
+    """One training path (model, optimiser, loader, loss) that takes timed steps."""
+
+    def __init__(self, name, built):
+        self.name = name
+        self.config, self.ds, self.train, self.valid, self.test, self.net, self.trainer, self.loss_fn, self.loss_path = built
+        self.device = self.config["device"]
+        self.n_batches = len(self.train)
+        self.dynamic = bool(getattr(self.train, "dynamic_padding", False))
+        self._it = iter(self.train)
+        self.times, self.targets = [], []
+
+    def step(self, timed):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        self.net.train()
         sync()
         t0 = time.perf_counter()
         try:
-            batch = next(it)
+            batch = next(self._it)
         except StopIteration:
-            it = iter(train)
-            batch = next(it)
-        batch = batch.to(device)
+            self._it = iter(self.train)
+            batch = next(self._it)
+        batch = batch.to(self.device)
         if "MASK_INDEX" in batch.interaction:  # BERT4Rec: the masked slots that count
-            targets.append(int((batch["MASK_INDEX"] > 0).sum()))
-        trainer.optimizer.zero_grad()
-        loss = loss_fn(batch)
+            self.targets.append(int((batch["MASK_INDEX"] > 0).sum()))
+        self.trainer.optimizer.zero_grad()
+        loss = self.loss_fn(batch)
         loss.backward()
-        trainer.optimizer.step()
+        self.trainer.optimizer.step()
         sync()
-        if k >= warmup:
-            times.append(time.perf_counter() - t0)
-    return float(np.mean(times)), n_batches, (float(np.mean(targets)) * n_batches if targets else None)
+        if timed:
+            self.times.append(time.perf_counter() - t0)
+
+    def seconds_per_step(self):
+        return float(np.mean(self.times))
+
+    def masked_targets_per_epoch(self):
+        return float(np.mean(self.targets)) * self.n_batches if self.targets else None
 
 
-def time_eval(config, ds, net, loaders):
+def time_interleaved(paths, steps, warmup):
+    """Warm every path up, then take timed steps in turn (path 1, path 2, ..., path 1, ...),
+    so that a machine that speeds up or slows down during the measurement affects every
+    path alike."""
+    for p in paths:
+        for _ in range(warmup):
+            p.step(timed=False)
+    for _ in range(steps):
+        for p in paths:
+            p.step(timed=True)
+
+
+def time_eval(config, ds, named_models, loaders_of, rounds=3):
+    """``{name: seconds}``: the fastest of ``rounds`` passes of the protocol over the
+    validation and test splits, the models taking turns."""
     from recbole_cdsr.evaluation.protocol import ProtocolEvaluator
 
     ev = ProtocolEvaluator(config, ds.domain_mask())
-    best = None
-    for _ in range(3):  # the fastest of three passes over both splits
-        t0 = time.perf_counter()
-        for ld in loaders:
-            ev.rank(net, ld)
-        dt = time.perf_counter() - t0
-        best = dt if best is None else min(best, dt)
+    best = {}
+    for _ in range(rounds):
+        for name, net in named_models:
+            t0 = time.perf_counter()
+            for ld in loaders_of[name]:
+                ev.rank(net, ld)
+            dt = time.perf_counter() - t0
+            best[name] = min(best.get(name, dt), dt)
     return best
 
 
@@ -263,7 +282,7 @@ def print_table(rows):
     for model, view, s, nb, epoch, up, fl, path, dyn in rows:
         print(
             f"{model:<10} {view:<12} {'' if s is None else f'{s:.3f}':>7} {'' if nb is None else nb:>6} "
-            f"{epoch:>8.1f} {'' if up is None else f'{up:.2f}x':>8} {'' if fl is None else f'{fl:.2f}':>7}  "
+            f"{epoch:>8.2f} {'' if up is None else f'{up:.2f}x':>8} {'' if fl is None else f'{fl:.2f}':>7}  "
             f"{path}{'' if dyn is None else (', trimmed' if dyn else ', padded')}",
             flush=True,
         )
@@ -274,44 +293,33 @@ def measure_model(model, args, heads):
     from recbole_cdsr.model.whole_sequence import SEQUENCE_MODELS
 
     rows, ratios, mem = [], [], []
-    res = {}
-    # RecBole as it comes
-    config, ds, train, valid, test, net, trainer, _, _ = build(
-        model, args, dynamic_padding="off", fused_loss=False, fast_layers=False, train_view="prefix")
-    device = config["device"]
-    s, nb, _ = time_steps(net, trainer, train, net.calculate_loss, args.steps, args.warmup, device)
-    res["recbole"] = (s * nb, s, nb, "calculate_loss", False)
-    n_targets = len(train._dataset)
+    paths = [TimedPath("recbole", build(model, args, dynamic_padding="off", fused_loss=False,
+                                        fast_layers=False, train_view="prefix")),
+             TimedPath("prefix", build(model, args, train_view="prefix"))]
+    if model in SEQUENCE_MODELS:
+        paths.append(TimedPath("sequence", build(model, args, train_view="sequence")))
+    time_interleaved(paths, args.steps, args.warmup)
+    for p in paths:
+        s = p.seconds_per_step()
+        print(f"{model} {p.name}: {s:.3f} s/step x {p.n_batches} = {s * p.n_batches:.1f} s/epoch "
+              f"({p.loss_path}, dynamic padding {p.dynamic})", flush=True)
+    rb, ours = paths[0], paths[1]
+    config, ds = rb.config, rb.ds
+    n_targets = ours.masked_targets_per_epoch() or len(rb.train._dataset)  # BERT4Rec: masked slots
     bs = config["train_batch_size"]
     n_items = ds.item_num
-    emb = getattr(net, "item_embedding", None)
+    emb = getattr(rb.net, "item_embedding", None)
     hidden = int(emb.embedding_dim) if isinstance(emb, torch.nn.Embedding) else 64
     has_ce = str(config["loss_type"]).upper() == "CE"
-    eval_full = None if args.no_eval else time_eval(config, ds, net, (valid, test))
-    print(f"{model} recbole: {s:.3f} s/step x {nb} = {s * nb:.1f} s/epoch", flush=True)
-    del net, trainer, train
-    # ours, prefix view
-    config, ds, train, valid, test, net, trainer, loss_fn, path = build(model, args, train_view="prefix")
-    s, nb, masked = time_steps(net, trainer, train, loss_fn, args.steps, args.warmup, device)
-    dyn = bool(getattr(train, "dynamic_padding", False))
-    res["prefix"] = (s * nb, s, nb, path, dyn)
-    if masked is not None:
-        n_targets = int(masked)  # BERT4Rec's epoch scores its masked slots, not one per row
-    eval_ours = None if args.no_eval else time_eval(config, ds, net, (valid, test))
-    eval_floor = None
-    if not args.no_eval and isinstance(getattr(net, "item_embedding", None), torch.nn.Embedding):
-        # the first item_num rows: BERT4Rec and S3Rec keep a mask token after them
-        w = net.item_embedding.weight[:n_items]
-        eval_floor = time_eval(config, ds, _ScoreOnly(w), (valid, test))
-    print(f"{model} prefix: {s:.3f} s/step x {nb} = {s * nb:.1f} s/epoch ({path}, dynamic padding {dyn})", flush=True)
-    del net, trainer, train
-    if model in SEQUENCE_MODELS:
-        config, ds, train, valid, test, net, trainer, loss_fn, path = build(model, args, train_view="sequence")
-        s, nb, _ = time_steps(net, trainer, train, loss_fn, args.steps, args.warmup, device)
-        dyn = bool(getattr(train, "dynamic_padding", False))
-        res["sequence"] = (s * nb, s, nb, path, dyn)
-        print(f"{model} sequence: {s:.3f} s/step x {nb} = {s * nb:.1f} s/epoch ({path})", flush=True)
-        del net, trainer, train
+    ev = {}
+    if not args.no_eval:
+        named = [("padded", rb.net), ("ours", ours.net)]
+        loaders = {"padded": (rb.valid, rb.test), "ours": (ours.valid, ours.test)}
+        if isinstance(emb, torch.nn.Embedding):
+            # the first item_num rows: BERT4Rec and S3Rec keep a mask token after them
+            named.append(("floor", _ScoreOnly(ours.net.item_embedding.weight[:n_items])))
+            loaders["floor"] = loaders["ours"]
+        ev = time_eval(config, ds, named, loaders)
     floor = floor_fused = None
     if has_ce:
         key = (bs, hidden, n_items)
@@ -320,21 +328,24 @@ def measure_model(model, args, heads):
         (floor, rss), (floor_fused, rss_fused) = ((x * n_targets / bs, m) for x, m in heads[key])
         mem.append(f"memory {model} loss head peak RSS {rss:.0f} MB, fused {rss_fused:.0f} MB "
                    f"(a fresh process, batch {bs}, {n_items} items)")
-    base = res["recbole"][0]
-    for view, (epoch, s, nb, path, dyn) in res.items():
-        rows.append((model, view, s, nb, epoch, base / epoch, None if floor is None else epoch / floor, path, dyn))
-        if view != "recbole":
-            ratios.append(f"ratio {model} {view} {base / epoch:.2f}")
+    base = rb.seconds_per_step() * rb.n_batches
+    for p in paths:
+        s = p.seconds_per_step()
+        epoch = s * p.n_batches
+        rows.append((model, p.name, s, p.n_batches, epoch, base / epoch, None if floor is None else epoch / floor,
+                     p.loss_path, p.dynamic))
+        if p.name != "recbole":
+            ratios.append(f"ratio {model} {p.name} {base / epoch:.2f}")
     if floor is not None:
-        rows.append((model, "loss head", None, None, floor, None, 1.0, f"matmul + CE, {n_targets} targets", None))
+        rows.append((model, "loss head", None, None, floor, None, 1.0, f"matmul + CE, {int(n_targets)} targets", None))
         rows.append((model, "fused head", None, None, floor_fused, None, floor_fused / floor, "fused CE", None))
-    if eval_full is not None:
-        rows.append((model, "eval padded", None, None, eval_full, None, None, "valid + test", False))
-        rows.append((model, "eval ours", None, None, eval_ours, eval_full / eval_ours, None, "valid + test",
-                     res["prefix"][4]))
-        ratios.append(f"ratio {model} eval {eval_full / eval_ours:.2f}")
-        if eval_floor is not None:
-            rows.append((model, "eval floor", None, None, eval_floor, None, None,
+    if ev:
+        rows.append((model, "eval padded", None, None, ev["padded"], None, None, "valid + test", False))
+        rows.append((model, "eval ours", None, None, ev["ours"], ev["padded"] / ev["ours"], None, "valid + test",
+                     ours.dynamic))
+        ratios.append(f"ratio {model} eval {ev['padded'] / ev['ours']:.2f}")
+        if "floor" in ev:
+            rows.append((model, "eval floor", None, None, ev["floor"], None, None,
                          "scoring + ranking only (random states)", None))
     return rows, ratios, mem
 

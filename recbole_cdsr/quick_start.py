@@ -253,6 +253,20 @@ def format_results_table(results, metrics=("hit", "ndcg", "mrr"), topk=(1, 3, 5,
     return "\n".join(lines)
 
 
+def build_data_and_model(config):
+    """``(dataset, train_data, valid_data, test_data, model)`` of ``config``, seeded and set
+    up as a run builds them (the model on the config's device, ``fast_layers`` applied)."""
+    init_seed(config["seed"], config["reproducibility"])
+    ds = create_cdsr_dataset(config, config.model_class)
+    train_data, valid_data, test_data = cdsr_data_preparation(config, ds)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = config.model_class(config, train_data._dataset).to(config["device"])
+    if config["fast_layers"]:
+        fast_layers(model)
+    disable_anomaly_detection()
+    return ds, train_data, valid_data, test_data, model
+
+
 def load_data_and_model(model_file):
     """Rebuild config, data and model from a checkpoint written by ``CDSRTrainer``.
 
@@ -268,12 +282,6 @@ def load_data_and_model(model_file):
                                                           "test_neg_sample_args", "single_spec", "local_rank")}
     keep["data_path"] = os.path.dirname(os.path.normpath(stored["data_path"]))
     config = CDSRConfig(stored["model"], stored["dataset"], config_dict=keep)
-    init_seed(config["seed"], config["reproducibility"])
-    ds = create_cdsr_dataset(config, config.model_class)
-    train_data, valid_data, test_data = cdsr_data_preparation(config, ds)
-    model = config.model_class(config, train_data._dataset).to(config["device"])
-    if config["fast_layers"]:
-        fast_layers(model)
-    disable_anomaly_detection()
+    ds, train_data, valid_data, test_data, model = build_data_and_model(config)
     model.load_state_dict(ckpt["state_dict"])
     return config, model, ds, train_data, valid_data, test_data

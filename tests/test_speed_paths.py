@@ -406,3 +406,32 @@ def test_dynamic_padding_settings(model_env, caplog):
         CDSRConfig("SASRec", "fk-slice", config_dict=base_config(tmp, data_path=data, dynamic_padding="sometimes"))
     with pytest.raises(ConfigError, match="length_group_batches"):
         CDSRConfig("SASRec", "fk-slice", config_dict=base_config(tmp, data_path=data, length_group_batches=0))
+
+
+def test_train_speed_script_prints_its_ratios(model_env, capsys):
+    """benchmarks/train_speed.py runs end to end (timings are its output, not asserted)."""
+    import importlib.util
+    import os
+    import re
+    import sys
+
+    tmp, data = model_env
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "train_speed.py")
+    spec = importlib.util.spec_from_file_location("train_speed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = sys.argv
+    sys.argv = [path, "--data_path", data, "--dataset", "fk-slice", "--models", "SASRec,Caser",
+                "--steps", "1", "--warmup", "1", "--batch_size", "256", "--threads", "1"]
+    try:
+        assert mod.main() == 0
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr().out
+    for line in ("ratio SASRec prefix", "ratio SASRec sequence", "ratio SASRec eval", "ratio Caser prefix"):
+        m = re.search(rf"^{line} (\d+\.\d\d)$", out, re.M)
+        assert m and float(m.group(1)) > 0, line
+    assert "ratio Caser sequence" not in out  # no whole-sequence path
+    assert re.search(r"^memory SASRec loss head peak RSS \d+ MB, fused \d+ MB", out, re.M)
+    assert re.search(r"^SASRec\s+sequence .*sequence_fused_ce, trimmed$", out, re.M)
+    assert re.search(r"^Caser\s+prefix .*fused_ce, padded$", out, re.M)
