@@ -45,7 +45,12 @@ def test_cli_on_real_food_kitchen_converts_trains_and_prints_domains(tmp_path, f
     files = os.listdir(tmp_path / "results")
     assert len(files) == 1
     res = json.loads((tmp_path / "results" / files[0]).read_text())
-    assert res["model"] == "SASRec" and res["seed"] == 2020 and res["train_view"] == "prefix"
+    assert res["model"] == "SASRec" and res["seed"] == 2020 and res["train_view"] == "sequence"
+    # the main job's defaults: whole sequences, trimmed batches, the fused loss (recorded)
+    assert res["speed"]["dynamic_padding"] is True and res["speed"]["loss_path"] == "sequence_fused_ce"
+    # 351,104 targets in batches of up to 256 targets: at least 1,372 batches, a few more
+    # where a whole sequence does not fit in a batch's remaining room
+    assert 1372 <= res["timing"]["batches_per_epoch"] <= 1372 * 1.03
     assert res["config"]["eval_neg_num"] == 999 and res["config"]["steps_per_epoch"] == 3
     assert res["versions"]["recbole"] == "1.2.1" and res["versions"]["torch"] == torch.__version__
     assert res["device"]["device"] == "cpu"
