@@ -154,8 +154,6 @@ def training_loss(model, view, fused=True):
     if view == "sequence" and name in SEQUENCE_MODELS:
         label = "sequence_fused_ce" if (fused and model.loss_type == "CE") else f"sequence_{model.loss_type.lower()}"
         return (lambda inter: sequence_loss(model, inter, fused=fused)), label
-    if view == "sequence" and getattr(model, "TRAIN_VIEW", None) is None and name not in SEQUENCE_MODELS:
-        raise ValueError(f"{name} has no whole-sequence path (train_view: sequence)")
     if not fused:
         return model.calculate_loss, "calculate_loss"
     if name == "BERT4Rec" and model.loss_type in ("CE", "BPR"):
