@@ -68,7 +68,9 @@ def main(argv=None):
         if not args.model or not args.dataset:
             parser.error("--tune needs --model and --dataset")
         try:
-            fixed = {k: _literal(v) for k, v in cmd.items()}
+            from recbole_cdsr.config import literal_value
+
+            fixed = {k: literal_value(v) for k, v in cmd.items()}
             rec = tune_model(args.model, args.dataset, fixed, files, algo=args.tune, max_evals=args.max_evals)
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
@@ -86,19 +88,13 @@ def main(argv=None):
     print(f"\nTest results of {out['results']['model']} on {out['results']['dataset']} "
           f"(selection: {out['results']['selection']['model_selection']}):")
     print(format_results_table(out["results"]))
+    t = out["results"]["timing"]
+    why = {"early_stopping": "early stopping on validation", "epoch_cap": "the epoch cap (epochs)",
+           "budget": "the training budget", "interrupted": "an interruption (Ctrl-C)"}.get(t["stop_reason"], "-")
+    print(f"trained {t['epochs_trained']} epochs in {sum(t['train_epoch_seconds']) / 60:.1f} min; stopped by {why}")
     if out["results_file"]:
         print(f"results file: {out['results_file']}")
     return 0
-
-
-def _literal(text):
-    """A command-line value as Python would read it (``5`` -> 5, ``[1,2]`` -> list), else the string."""
-    import ast
-
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 if __name__ == "__main__":

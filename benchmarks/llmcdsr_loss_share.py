@@ -27,7 +27,7 @@ def main():
 
     from recbole_cdsr.config import CDSRConfig
     from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset
-    from recbole_cdsr.stages import prepare_llmcdsr
+    from recbole_cdsr.stages.llmcdsr import prepare as prepare_llmcdsr
     from recbole_cdsr.trainer.llmcdsr import LLMCDSRTrainer
 
     base = {"data_path": args.data_path, "pretrain_seed": args.pretrain_seed, "show_progress": False,

@@ -40,8 +40,9 @@ def main():
     from recbole_cdsr.config import CDSRConfig
     from recbole_cdsr.llm.encoders import TextEncoder, item_text_embeddings, read_item_titles
     from recbole_cdsr.llm.retrieval import CachedEncoder, RetrievalBackend
-    from recbole_cdsr.llm.stage1 import read_training_sequences, stage1_inputs
-    from recbole_cdsr.stages import prepare_llmcdsr
+    from recbole_cdsr.data.atomic import read_training_sequences
+    from recbole_cdsr.stages.llmcdsr_inputs import stage1_inputs
+    from recbole_cdsr.stages.llmcdsr import prepare as prepare_llmcdsr
 
     cfg = CDSRConfig("LLMCDSR", args.dataset, config_dict={
         "data_path": args.data_path, "pretrain_seed": args.pretrain_seed, "show_progress": False,

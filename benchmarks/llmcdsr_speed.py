@@ -39,7 +39,7 @@ def main():
     from recbole_cdsr.config import CDSRConfig
     from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset
     from recbole_cdsr.registry import get_trainer
-    from recbole_cdsr.stages import prepare_llmcdsr
+    from recbole_cdsr.stages.llmcdsr import prepare as prepare_llmcdsr
     from recbole_cdsr.utils import tune_cpu_allocator
 
     base = {"data_path": args.data_path, "use_gpu": args.use_gpu, "show_progress": False, "state": "WARNING",

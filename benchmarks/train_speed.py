@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def build(model, args, **over):
     from recbole_cdsr.config import CDSRConfig
-    from recbole_cdsr.model.whole_sequence import training_loss
+    from recbole_cdsr.trainer.whole_sequence import training_loss
     from recbole_cdsr.quick_start import build_data_and_model
     from recbole_cdsr.trainer.trainer import CDSRTrainer
 
@@ -290,7 +290,7 @@ def print_table(rows):
 
 def measure_model(model, args, heads):
     """Rows of the table, ``ratio`` lines and ``memory`` lines of one model."""
-    from recbole_cdsr.model.whole_sequence import SEQUENCE_MODELS
+    from recbole_cdsr.trainer.whole_sequence import SEQUENCE_MODELS
 
     rows, ratios, mem = [], [], []
     paths = [TimedPath("recbole", build(model, args, dynamic_padding="off", fused_loss=False,

@@ -1,25 +1,55 @@
-"""Restricted reading of pickled dictionaries from public releases.
+"""The one restricted unpickler of the project, for pickles of public releases.
 
-The LLMCDSR release ships its item maps and titles as pickles. A pickle can run
-arbitrary code when loaded, so downloaded pickles are read with an unpickler that
-refuses every global (class or function) lookup: only the built-in opcodes for
-dicts, lists/tuples, strings and integers can be decoded. The result is then checked
-to be a plain ``dict`` with ``str`` keys and values of the expected type.
+The LLMCDSR release ships its item maps, titles and generation embeddings as pickles. A
+pickle can run arbitrary code when loaded, so every pickle is read with
+:class:`RestrictedUnpickler`, which admits only the globals its caller names (none for the
+item maps: only the built-in opcodes for dicts, lists/tuples, strings and numbers decode;
+numpy's array rebuilders, :data:`NUMPY_ARRAY_GLOBALS`, for the generation embeddings) and
+refuses every other class or function. Callers then check the shape of what was decoded.
 """
 
+import importlib
 import io
 import pickle
+
+#: what numpy needs to rebuild plain arrays (numpy 1 and numpy 2 module names)
+NUMPY_ARRAY_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # arrays pickled with protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+})
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the ``(module, name)`` pairs in ``allowed``."""
+
+    def __init__(self, file, allowed=frozenset()):
+        super().__init__(file)
+        self.allowed = allowed
+
+    def find_class(self, module, name):  # noqa: D401 - pickle API
+        if (module, name) not in self.allowed:
+            raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}'")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # numpy 1 names in numpy 2, or the reverse
+            other = (module.replace("numpy._core", "numpy.core") if "_core" in module
+                     else module.replace("numpy.core", "numpy._core"))
+            return getattr(importlib.import_module(other), name)
+
+
+def restricted_loads(data, allowed=frozenset()):
+    """Decode pickle bytes ``data`` admitting only the globals in ``allowed``."""
+    return RestrictedUnpickler(io.BytesIO(data), allowed).load()
 
 
 class SafePickleError(ValueError):
     """A pickle that is not a plain dict of str -> str/int, or cannot be decoded."""
-
-
-class _NoGlobalsUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):  # noqa: D401 - pickle API
-        raise pickle.UnpicklingError(
-            f"refusing to load global '{module}.{name}' (only plain dicts of str/int are allowed)"
-        )
 
 
 def restricted_load_dict(path, value_type):
@@ -38,7 +68,7 @@ def restricted_load_dict(path, value_type):
     except OSError as e:
         raise SafePickleError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        obj = _NoGlobalsUnpickler(io.BytesIO(data)).load()
+        obj = restricted_loads(data)  # no globals at all
     except Exception as e:  # any decoding failure is the file's fault
         raise SafePickleError(f"{path}: not a safe pickle of a plain dict: {e}") from None
     if type(obj) is not dict:

@@ -77,6 +77,30 @@ CONFIG_SCHEMA = {
     "dynamic_padding": (_STR + _BOOL, ("auto", "on", "off", True, False)),
     "length_group_batches": (_INT, None),
     "fused_loss": (_BOOL, None),
+    "show_config": (_BOOL, None),
+    "show_progress": (_BOOL, None),
+    # LLMCDSR
+    "llmcdsr_mode": (_STR, ("full", "backbone_only", "random_recall", "no_meta")),
+    "backbone": (_STR, ("public", "recbole")),
+    "length_buckets": (_INT, None),
+    "bucket_overhead": (_INT, None),
+    "meta_inner_optimizer": (_STR, ("adam", "adam_fresh", "sgd")),
+    "generator": (_STR, ("retrieval", "hf", "openai", "import")),
+    "llm_parser": (_STR, ("auto", "llm", "regex", "given")),
+    "name_pattern": (_STR, ("lines", "public")),
+    "pseudo_max_names": (_INT + _NONE, None),
+    "pretrain_seed": (_INT + _NONE, None),
+    # LLM backends
+    "llm_decoding": (_STR, ("model", "greedy")),
+    "llm_prompt_format": (_STR, ("auto", "user_token", "template", "raw")),
+    "llm_dtype": (_STR + _NONE, ("bfloat16", "float16", "float32", "auto", None)),
+    "llm_max_input_tokens": (_INT + _NONE, None),
+    "llm_trust_remote_code": (_BOOL, None),
+    # LeCDSR
+    "lecdsr_init": (_STR, ("xavier", "normal")),
+    "lecdsr_user_vector": (_STR, ("id", "zero")),
+    "lecdsr_row_bucket": (_INT, None),
+    "profile_generator": (_STR, ("titles", "hf", "openai")),
 }
 
 #: key -> (low, low_open, high, high_open): numeric bounds (None: unbounded on that side).
@@ -109,6 +133,9 @@ RANGES = {
     "dropout_prob": (0, False, 1, True),
     # LLMCDSR
     "length_buckets": (1, False, None, False),
+    "bucket_overhead": (0, False, None, False),
+    "pretrain_learning_rate": (0, True, None, False),
+    "pseudo_max_names": (0, False, None, False),  # 0 or None: every name
     "neg_resample_rounds": (0, False, None, False),
     "recall_k": (1, False, None, False),
     "aug_batch_size": (1, False, None, False),
@@ -130,7 +157,9 @@ RANGES = {
     "llm_concurrency": (1, False, None, False),
     "llm_max_new_tokens": (1, False, None, False),
     "llm_batch_size": (1, False, None, False),
+    "llm_max_input_tokens": (1, False, None, False),
     # LeCDSR
+    "lecdsr_row_bucket": (1, False, None, False),
     "adapter_inner_size": (1, False, None, False),
     "tau": (0, True, None, False),
     "tau2": (0, True, None, False),
@@ -317,6 +346,21 @@ class CDSRConfig(Config):
         self._cdsr_cmd_args = _parse_cmd_args(cmd_args)
         super().__init__(model, dataset, config_file_list, config_dict)
         self._check_cdsr()
+        # RecBole keeps use_gpu: True on a machine without CUDA (and runs on the CPU): say what is used
+        self.final_config_dict["use_gpu"] = getattr(self.final_config_dict["device"], "type", "cpu") == "cuda"
+
+    def summary(self):
+        """The run in a few lines: model, dataset, device, seed and every key whose value
+        differs from the defaults (RecBole's and the plugin's YAML files); ``show_config:
+        True`` (``--show_config=True``) prints the whole config instead."""
+        d, inner = self.final_config_dict, self.internal_config_dict
+        changed = {k: d.get(k) for k in sorted(self.external_config_dict)
+                   if k not in ("model", "dataset") and (k not in inner or inner[k] != d.get(k))}
+        lines = [f"model {d['model']}, dataset {d['dataset']}, device {d['device']}, seed {d['seed']}",
+                 "settings that differ from the defaults" + (":" if changed else ": none")]
+        lines += [f"  {k} = {v!r}" for k, v in changed.items()]
+        lines.append("(--show_config=True prints the whole config)")
+        return "\n".join(lines)
 
     # -- RecBole hooks ---------------------------------------------------------------
     def _build_yaml_loader(self):

@@ -17,9 +17,9 @@ import torch
 from recbole.utils import init_logger, init_seed
 
 from recbole_cdsr.config import CDSRConfig
-from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset
+from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset, ensure_atomic_files
 from recbole_cdsr.model.layers import fast_layers
-from recbole_cdsr.registry import get_trainer
+from recbole_cdsr.registry import get_stages, get_trainer
 from recbole_cdsr.utils import (
     atomic_write_json,
     disable_anomaly_detection,
@@ -126,27 +126,22 @@ def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=No
     logger = getLogger()
     if not verbose:
         logger.setLevel(logging.WARNING)
-    logger.info(config)
+    ensure_atomic_files(config)  # a missing dataset is reported before anything else
+    logger.info(config if config["show_config"] else config.summary())
 
     t0 = time()
     stages = None
-    prepare = getattr(config.model_class, "prepare_stages", None)
+    prepare = get_stages(config["model"])
     if prepare is not None:
+        logger.info(f"{config['model']}: preparing its stages (cached next to the dataset; reused when unchanged)")
         updates, stages = prepare(config)
         for k, v in updates.items():
             config[k] = v
     stage_seconds = time() - t0
     t0 = time()
-    ds = create_cdsr_dataset(config, config.model_class)
+    ds, train_data, valid_data, test_data, net = build_data_and_model(config)
     logger.info(ds)
-    train_data, valid_data, test_data = cdsr_data_preparation(config, ds)
     data_seconds = time() - t0
-
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    net = config.model_class(config, train_data._dataset).to(config["device"])
-    if config["fast_layers"]:
-        fast_layers(net)
-    disable_anomaly_detection()
     logger.info(net)
     trainer = get_trainer(config["model"])(config, net)
     trainer.report = report
@@ -157,7 +152,7 @@ def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=No
     t_test = time()
     test_result, test_ranks = None, None
     if evaluate_test:
-        test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+        test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=config["show_progress"])
         test_ranks = {p: r.tolist() for p, r in trainer.last_ranks.items()}
         logger.info(f"test result: {test_result}")
     test_seconds = time() - t_test
@@ -208,6 +203,8 @@ def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=No
             "train_steps": trainer.steps_done,
             "batches_per_epoch": len(train_data),
             "stopped_by_budget": trainer.stopped_by_budget,
+            "stop_reason": trainer.stop_reason,
+            "epochs_trained": trainer.epochs_done,
         },
         "valid_history": trainer.eval_history,
         "versions": package_versions(),

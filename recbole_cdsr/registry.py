@@ -22,6 +22,12 @@ PLUGIN_TRAINERS = {
     "S3Rec": "recbole_cdsr.trainer.s3rec:S3RecCDSRTrainer",
 }
 
+#: Stages of plugin models that need them (run before the dataset is loaded): name -> "module:function".
+PLUGIN_STAGES = {
+    "LLMCDSR": "recbole_cdsr.stages.llmcdsr:prepare",
+    "LeCDSR": "recbole_cdsr.stages.lecdsr:prepare",
+}
+
 #: RecBole sequential models that cannot be scored under the protocol, with the reason.
 UNSUPPORTED_RECBOLE_MODELS = {
     "SASRecCPR": "its predict is not implemented in RecBole 1.2.1 (assert False)",
@@ -90,3 +96,9 @@ def get_trainer(model_name):
     from recbole_cdsr.trainer.trainer import CDSRTrainer
 
     return CDSRTrainer
+
+
+def get_stages(model_name):
+    """``prepare(config) -> (config updates, record)`` of ``model_name``'s stages, or None."""
+    spec = PLUGIN_STAGES.get(model_name)
+    return _load(spec) if spec else None

@@ -23,6 +23,15 @@ def base_config(tmp, **kw):
     return d
 
 
+def pretrain_hp(**kw):
+    """Stage 2's hyper-parameters as a default LLMCDSR run has them, with ``kw`` on top."""
+    from recbole_cdsr.config import CDSRConfig
+    from recbole_cdsr.stages.llmcdsr import pretrain_hyper_parameters
+
+    cfg = CDSRConfig("LLMCDSR", "fk-slice", config_dict={"use_gpu": False, "state": "WARNING"})
+    return dict(pretrain_hyper_parameters(cfg), **kw)
+
+
 @pytest.fixture(autouse=True)
 def _run_in_tmp(tmp_path, monkeypatch):
     # RecBole writes log/ and log_tensorboard/ into the working directory.

@@ -62,6 +62,7 @@ def read_lines(path):
         return [json.loads(ln) for ln in f]
 
 
+@pytest.mark.slow
 def test_matrix_runs_rerun_does_nothing_and_a_deleted_line_reruns_exactly_that_run(tmp_path, syn_data):
     spec = write_spec(tmp_path, syn_data)
     out = run_benchmark(spec)
@@ -108,6 +109,7 @@ def test_matrix_runs_rerun_does_nothing_and_a_deleted_line_reruns_exactly_that_r
     assert "runs come from 2 versions of the code" in text and f"0123456789ab: 1 runs (e.g. {new[0]['run_key']})" in text
 
 
+@pytest.mark.slow
 def test_failing_model_is_recorded_and_the_others_finish(tmp_path, syn_data, capsys):
     from run_recbole_cdsr import main
 
@@ -136,6 +138,7 @@ def kill_seed_2(run):
     return execute_run(run)
 
 
+@pytest.mark.slow
 def test_a_run_killed_by_the_os_is_recorded_as_failed_and_the_others_finish(tmp_path, syn_data, capsys):
     # worker: 1 (RecBole's data loader processes): a run's process may start its own
     path = write_spec(tmp_path, syn_data, models=["GRU4Rec"], seeds=[1, 2, 3], config=dict(TINY, data_path=syn_data, worker=1))
@@ -235,6 +238,7 @@ def test_named_readme_markers_and_validation_curves(tmp_path, syn_data, capsys):
     assert "| GRU4Rec |" in readme.read_text()
 
 
+@pytest.mark.slow
 def test_leaderboard_means_stds_and_paired_test_match_a_hand_computation(tmp_path, syn_data):
     from scipy import stats
 
@@ -297,6 +301,7 @@ def test_leaderboard_means_stds_and_paired_test_match_a_hand_computation(tmp_pat
     assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200 and img.std() > 0.01
 
 
+@pytest.mark.slow
 def test_ray_executor_gives_the_same_results_as_local(tmp_path, syn_data):
     pytest.importorskip("ray")
     import higher  # noqa: F401  (this process has imported more than a fresh Ray worker)
@@ -321,6 +326,7 @@ def test_ray_executor_gives_the_same_results_as_local(tmp_path, syn_data):
         assert a[key] == b[key], key
 
 
+@pytest.mark.slow
 def test_half_written_last_line_is_dropped_and_that_run_reruns(tmp_path, syn_data, capsys):
     spec = write_spec(tmp_path, syn_data, models=["GRU4Rec"], seeds=[1, 2])
     out = run_benchmark(spec)
@@ -430,6 +436,7 @@ def test_hyper_search_never_ranks_test_and_feeds_the_benchmark(tmp_path, syn_dat
     assert splits == [] and again["ran"] == 0 and again["tuned"] == out["tuned"]
 
 
+@pytest.mark.slow
 def test_budget_in_minutes_becomes_a_fixed_step_count_per_model(tmp_path, syn_data):
     spec = write_spec(tmp_path, syn_data, models=["GRU4Rec", "SASRec"], seeds=[1, 2],
                       budget={"minutes": 0.02, "epochs": 100, "calibration_steps": 2},
@@ -452,6 +459,7 @@ def test_budget_in_minutes_becomes_a_fixed_step_count_per_model(tmp_path, syn_da
     assert open(tmp_path / "out" / "calibration.json").read() == before
 
 
+@pytest.mark.slow
 def test_models_option_runs_part_of_the_matrix_model_by_model(tmp_path, syn_data, capsys):
     from run_recbole_cdsr import main
 

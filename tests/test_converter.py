@@ -22,6 +22,7 @@ def _lines(path):
         return f.read().splitlines()
 
 
+@pytest.mark.slow
 def test_food_kitchen_counts_and_identical_rerun(fk_raw, tmp_path):
     m = convert_llmcdsr_release(fk_raw, str(tmp_path), "food-kitchen")
     c = m["counts"]

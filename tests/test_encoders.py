@@ -35,7 +35,7 @@ def test_item_embeddings_cached_and_invalidated(tmp_path, minilm):
     assert list(tokens) == ["a1", "b1"] and list(doms) == ["A", "B"] and emb.shape == (2, 384)
     assert np.allclose(emb[1], minilm.encode(['Pan 12" wide'])[0], atol=1e-5)
     man = json.loads((d / "toy.textemb-all-MiniLM-L6-v2.json").read_text())
-    assert man["encoder"]["name"] == "all-MiniLM-L6-v2" and man["items"] == 2
+    assert man["identity"]["encoder"]["name"] == "all-MiniLM-L6-v2" and man["identity"]["items"] == 2
     npy = d / "toy.textemb-all-MiniLM-L6-v2.npy"
     mtime = os.path.getmtime(npy)
     item_text_embeddings(str(d), "toy", minilm)

@@ -237,6 +237,7 @@ def test_fingerprint_follows_the_atomic_files_contents(tmp_path, capsys):
     assert dataset_fingerprint(d, "tiny-cdsr") == fp
 
 
+@pytest.mark.slow
 def test_editing_test_inter_reruns_the_runs_that_used_it(tmp_path):
     d = str(tmp_path / "data")
     write_synthetic_cdsr(d, "tiny-cdsr", seed=0)
@@ -258,6 +259,7 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_second_invocation_on_the_same_folder_stops_at_once(tmp_path, syn):
     path = write_spec(tmp_path, syn)
     out = str(tmp_path / "out")
@@ -310,6 +312,7 @@ def _alive(pid):
         return True
 
 
+@pytest.mark.slow
 def test_a_runs_process_dies_with_its_benchmark_parent(tmp_path):
     (tmp_path / "slowrun.py").write_text(SLOW_RUN)
     pid_file, done_file = tmp_path / "child.pid", tmp_path / "done"
@@ -332,6 +335,7 @@ def test_a_runs_process_dies_with_its_benchmark_parent(tmp_path):
     assert not done_file.exists()
 
 
+@pytest.mark.slow
 def test_jobs_runs_side_by_side_and_one_writer_records_every_run(tmp_path, syn):
     path = write_spec(tmp_path, syn, models=["GRU4Rec", "SASRec"], seeds=[1, 2], jobs=2)
     out = run_benchmark(path, write_reports=False)
@@ -427,7 +431,7 @@ def test_candidates_drawn_with_another_seed_than_stated_are_detected(tmp_path, c
     assert not np.array_equal(other["neg"], honest["neg"])
     np.savez_compressed(npz, **other)
     m = json.load(open(man))
-    m["npz_sha256"] = __import__("hashlib").sha256(open(npz, "rb").read()).hexdigest()
+    m["sha256"] = __import__("hashlib").sha256(open(npz, "rb").read()).hexdigest()
     m["arrays_sha256"] = arrays_sha256(other)
     json.dump(m, open(man, "w"))
     ok, reason = store.check("test")

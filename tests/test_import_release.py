@@ -77,12 +77,12 @@ def test_public_release_format_imports_every_user_of_the_slice(tmp_path, slice_d
     """generator: import on a pickle in the public format: every user it holds that the dataset
     has is imported with its own vectors, through prepare_llmcdsr and the dataset loader."""
     import recbole_cdsr.llm.encoders as encoders
-    import recbole_cdsr.model.pretrain_ct as pretrain_ct
+    import recbole_cdsr.stages.llmcdsr as stages
     from dataset_converters.safe_pickle import restricted_load_dict
     from recbole_cdsr.config import CDSRConfig
     from recbole_cdsr.data.utils import create_cdsr_dataset
-    from recbole_cdsr.llm.stage1 import read_training_sequences
-    from recbole_cdsr.stages import prepare_llmcdsr
+    from recbole_cdsr.data.atomic import read_training_sequences
+    from recbole_cdsr.stages.llmcdsr import prepare as prepare_llmcdsr
 
     data_path = _copy_slice(slice_data, tmp_path)
     d = os.path.join(data_path, "fk-slice")
@@ -107,7 +107,7 @@ def test_public_release_format_imports_every_user_of_the_slice(tmp_path, slice_d
     assert sum(1 for t in seqs if t[0] in "AB") == 266 and len(expected) == 264  # 133 + 133, minus A_4 and B_4
 
     # stage 2 and the title embeddings are not what this test is about: stubbed
-    monkeypatch.setattr(pretrain_ct, "pretrain_dataset", lambda *a, **k: {})
+    monkeypatch.setattr(stages, "pretrain_tables", lambda *a, **k: {})
     def zero_title_vectors(d, n, enc, items=None, **k):
         return items[0], items[1], np.zeros((len(items[0]), enc.dim), np.float32)
 
@@ -137,14 +137,14 @@ def test_public_release_format_imports_every_user_of_the_slice(tmp_path, slice_d
 def test_vectors_of_another_width_than_the_text_encoder_fail_before_training(tmp_path, slice_data, fk_raw,
                                                                              monkeypatch):
     import recbole_cdsr.llm.encoders as encoders
-    import recbole_cdsr.model.pretrain_ct as pretrain_ct
+    import recbole_cdsr.stages.llmcdsr as stages
     from recbole_cdsr.config import CDSRConfig
-    from recbole_cdsr.stages import prepare_llmcdsr
+    from recbole_cdsr.stages.llmcdsr import prepare as prepare_llmcdsr
 
     def must_not_run(*a, **k):
         raise AssertionError("reached embedding or training")
 
-    monkeypatch.setattr(pretrain_ct, "pretrain_dataset", must_not_run)
+    monkeypatch.setattr(stages, "pretrain_tables", must_not_run)
     monkeypatch.setattr(encoders, "item_text_embeddings", must_not_run)
     data_path = _copy_slice(slice_data, tmp_path)
     pkl = str(tmp_path / "food-kitchen_generation_jina.pkl")

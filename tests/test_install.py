@@ -2,9 +2,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_non_editable_install_finds_its_properties(tmp_path):
     target = tmp_path / "site"
     subprocess.run(

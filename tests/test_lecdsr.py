@@ -16,7 +16,8 @@ from dataset_converters import write_synthetic_cdsr
 from recbole.utils import init_seed
 from recbole_cdsr.config import CDSRConfig
 from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset
-from recbole_cdsr.llm.profiles import SYSTEM_PROMPT, profile_items, profile_requests
+from recbole_cdsr.stages.lecdsr import SYSTEM_PROMPT, profile_items, profile_requests
+from recbole_cdsr.stages.lecdsr import prepare as prepare_lecdsr
 from recbole_cdsr.model.lecdsr import LeCDSR, alignment_loss, hinge_loss
 
 SMALL = dict(hidden_size=16, adapter_inner_size=24, train_batch_size=64, eval_neg_num=20, n_neg=7,
@@ -32,7 +33,7 @@ def syn(tmp_path_factory):
 
 def setup(tmp, data_path, **kw):
     cfg = CDSRConfig("LeCDSR", "tiny-cdsr", config_dict=base_config(tmp, data_path=data_path, **dict(SMALL, **kw)))
-    updates, record = LeCDSR.prepare_stages(cfg)
+    updates, record = prepare_lecdsr(cfg)
     for k, v in updates.items():
         cfg[k] = v
     init_seed(cfg["seed"], True)
@@ -53,6 +54,7 @@ def expected_table(ds, path, token_key, field, n_rows):
     return torch.from_numpy(table)
 
 
+@pytest.mark.slow
 def test_frozen_tables_are_the_cached_vectors_before_and_after_training(tmp_path, syn):
     from recbole_cdsr.trainer.trainer import CDSRTrainer
 
@@ -158,6 +160,7 @@ def test_adapter_sees_padded_row_counts_and_padding_changes_nothing(tmp_path, sy
     adapter (a new shape per batch grows oneDNN's per-shape cache without bound on CPU);
     the scores, the loss and its gradients are those of the unpadded rows."""
     cfg, ds, (train, _, _), model, _ = setup(str(tmp_path), syn)
+    assert model.row_bucket == cfg["lecdsr_row_bucket"] == 1024  # the default, from the YAML
     model.eval()
     batch = next(iter(train))
     neg = model.sample_negatives(batch["item_id"], cfg["n_neg"])
@@ -187,7 +190,6 @@ def test_adapter_sees_padded_row_counts_and_padding_changes_nothing(tmp_path, sy
     for name in g1:
         assert g1[name].abs().sum() > 0
         assert torch.allclose(g64[name], g1[name], atol=1e-7), name
-    assert LeCDSR.row_bucket == 1024
 
 
 def test_positions_count_back_per_domain(tmp_path, syn):
@@ -243,7 +245,7 @@ class _ProfileServer(BaseHTTPRequestHandler):
 
 
 def test_llm_profiles_over_http_are_resumable_and_an_empty_answer_is_an_error(tmp_path, syn):
-    from recbole_cdsr.llm.profiles import ProfileError
+    from recbole_cdsr.stages.lecdsr import ProfileError
 
     _ProfileServer.bodies = []
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _ProfileServer)
@@ -302,6 +304,7 @@ def test_training_samples_have_at_least_two_items_before_the_target(tmp_path, sy
     assert len(train.dataset) == expected
 
 
+@pytest.mark.slow
 def test_one_command_on_real_food_kitchen_slice(tmp_path, slice_data, capsys):
     from run_recbole_cdsr import main
 
@@ -318,7 +321,7 @@ def test_one_command_on_real_food_kitchen_slice(tmp_path, slice_data, capsys):
 
 
 def test_profile_embedding_resumes_from_its_saved_parts(tmp_path):
-    from recbole_cdsr.llm.profiles import encode_in_parts
+    from recbole_cdsr.llm.encoders import encode_in_parts
 
     class Flaky:
         """Encodes a text as [len, first char code]; fails on the call numbered ``fail_at``."""

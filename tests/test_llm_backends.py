@@ -6,8 +6,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from recbole_cdsr.llm.backends import BackendError, Completion, HFBackend, OpenAIBackend
-from recbole_cdsr.llm.generation import (GenerationJob, build_prompt, extract_prompt, make_requests, parse_names,
-                                        parse_names_public)
+from recbole_cdsr.llm.generation import GenerationJob, parse_names, parse_names_public
+from recbole_cdsr.stages.llmcdsr_inputs import PROMPT_VERSION, build_prompt, extract_prompt, make_requests
+
+
+def Job(out_dir, name, backend, **kw):
+    """A generation job with LLMCDSR's stage-1 prompt version and extraction prompt."""
+    return GenerationJob(out_dir, name, backend, PROMPT_VERSION, extract_prompt=extract_prompt, **kw)
 
 GOOD = "Here are some picks:\n1. Cast Iron Skillet\n2. Chef Knife\n3. Cutting Board\n"
 
@@ -96,7 +101,7 @@ def test_openai_completions_endpoint_and_bad_config(server):
 def test_generation_job_records_failures_and_resumes(tmp_path, server):
     url, calls = server
     reqs = [{"user": f"A_{i}", "domain": "A", "prompt": f"p{i}\nu {'always500' if i == 3 else 'good'} {i}"} for i in range(6)]
-    job = GenerationJob(str(tmp_path), "toy", _backend(url), parser="llm", settings={"seed": 1}, batch_size=2,
+    job = Job(str(tmp_path), "toy", _backend(url), parser="llm", settings={"seed": 1}, batch_size=2,
                         show_progress=False)
     recs = job.run(reqs)
     assert set(recs) == {f"A_{i}" for i in range(6)}  # nobody lost
@@ -131,13 +136,13 @@ class _Crashy:
 def test_resume_after_kill_every_user_done_exactly_once(tmp_path):
     reqs = [{"user": f"B_{i}", "domain": "B", "prompt": f"prompt {i}"} for i in range(10)]
     first = _Crashy(limit=6)
-    job = GenerationJob(str(tmp_path), "toy", first, parser="regex", batch_size=3, show_progress=False)
+    job = Job(str(tmp_path), "toy", first, parser="regex", batch_size=3, show_progress=False)
     with pytest.raises(KeyboardInterrupt):
         job.run(reqs)
     with open(job.jsonl, "a") as f:
         f.write('{"user": "B_9", "sta')  # a torn last line from the crash
     second = _Crashy(limit=100)
-    recs = GenerationJob(str(tmp_path), "toy", second, parser="regex", batch_size=3, show_progress=False).run(reqs)
+    recs = Job(str(tmp_path), "toy", second, parser="regex", batch_size=3, show_progress=False).run(reqs)
     assert len(first.seen) == 6 and len(second.seen) == 4
     assert sorted(first.seen + second.seen) == sorted(r["prompt"] for r in reqs)  # each exactly once
     assert all(r["status"] == "ok" for r in recs.values()) and len(recs) == 10
@@ -192,18 +197,18 @@ def test_openai_decoding_model_sends_no_temperature(server):
 
 def test_llm_parser_sends_the_public_extraction_prompt(tmp_path, server):
     url, _ = server
-    job = GenerationJob(str(tmp_path), "toy", _backend(url), parser="auto", show_progress=False)
+    job = Job(str(tmp_path), "toy", _backend(url), parser="auto", show_progress=False)
     assert job.parser == "llm" and job.identity["parser"] == "llm"
     recs = job.run([{"user": "A_1", "domain": "A", "prompt": "u good"}])
     assert [b["messages"][0]["content"] for b in _Handler.bodies] == ["u good", extract_prompt(GOOD)]
     assert recs["A_1"]["extracted"] == "1. Cast Iron Skillet\n2. Chef Knife\n3. Cutting Board"
     assert recs["A_1"]["names"] == ["Cast Iron Skillet", "Chef Knife", "Cutting Board"]
     # the same with the public regex: its last line has no newline, so two names, too few
-    job = GenerationJob(str(tmp_path), "toy", _backend(url), parser="llm", name_pattern="public", show_progress=False)
+    job = Job(str(tmp_path), "toy", _backend(url), parser="llm", name_pattern="public", show_progress=False)
     recs = job.run([{"user": "A_1", "domain": "A", "prompt": "u good"}])
     assert recs["A_1"]["names"] == ["Cast Iron Skillet", "Chef Knife"] and recs["A_1"]["pseudo_items"] is False
     n = len(_Handler.bodies)
-    job = GenerationJob(str(tmp_path), "toy", _backend(url), parser="regex", show_progress=False)
+    job = Job(str(tmp_path), "toy", _backend(url), parser="regex", show_progress=False)
     recs = job.run([{"user": "A_2", "domain": "A", "prompt": "u good"}])
     assert len(_Handler.bodies) == n + 1  # one call: no extraction
     assert recs["A_2"]["names"] == ["Cast Iron Skillet", "Chef Knife", "Cutting Board"]
@@ -266,7 +271,7 @@ def test_hf_backend_generates_with_a_local_tiny_model(tmp_path):
     out = b.generate(PROMPTS)
     assert len(out) == 3 and all(c.ok and isinstance(c.text, str) for c in out)
     assert out == HFBackend(path, batch_size=2, max_new_tokens=12).generate(PROMPTS)  # greedy: reproducible
-    job = GenerationJob(str(tmp_path), "toy", b, settings={"seed": 0}, show_progress=False)
+    job = Job(str(tmp_path), "toy", b, settings={"seed": 0}, show_progress=False)
     assert job.parser == "llm"  # auto, with an LLM: the public two-call parsing
     recs = job.run([{"user": "A_1", "domain": "A", "prompt": "Input: tea"}])
     assert recs["A_1"]["status"] == "ok" and isinstance(recs["A_1"]["raw"], str)
@@ -335,9 +340,9 @@ def test_hf_prompt_formats_and_input_truncation(tmp_path):
         HFBackend(path2, prompt_format="chat")
 
 
-def test_stage1_backend_takes_the_public_defaults_from_the_config(tmp_path, server):
+def test_stage1_backend_takes_the_public_defaults_from_the_yaml(tmp_path, server):
     from recbole_cdsr.config import CDSRConfig
-    from recbole_cdsr.llm.stage1 import stage1_backend
+    from recbole_cdsr.stages.backend import make_backend
 
     from conftest import base_config
 
@@ -346,13 +351,13 @@ def test_stage1_backend_takes_the_public_defaults_from_the_config(tmp_path, serv
     cfg = CDSRConfig("LLMCDSR", "food-kitchen", config_dict=base_config(str(tmp_path), generator="hf",
                                                                         llm_model_path=path))
     assert cfg["llm_parser"] == "auto" and cfg["name_pattern"] == "lines" and cfg["pseudo_max_names"] is None
-    hf = stage1_backend(cfg)
+    hf = make_backend(cfg, cfg["generator"])
     got = (hf.decoding, hf.max_input_tokens, hf.dtype, hf.max_new_tokens, hf.seed)
     assert got == ("model", 1999, "bfloat16", 500, 2024)
     assert hf.prompt_format == "raw" and not hf.trust_remote_code
     cfg = CDSRConfig("LLMCDSR", "food-kitchen", config_dict=base_config(
         str(tmp_path), generator="openai", llm_base_url=url, llm_model="m", llm_decoding="greedy"))
-    oa = stage1_backend(cfg)
+    oa = make_backend(cfg, cfg["generator"])
     body = oa.request_body("x")
     assert oa.decoding == "greedy" and body["temperature"] == 0.0 and body["seed"] == 2024
 
@@ -371,7 +376,7 @@ def test_hf_pipeline_generates_parses_and_embeds(tmp_path):
     backend = HFBackend(path, batch_size=2, max_new_tokens=24)
     reqs = [{"user": "A_1", "domain": "A", "prompt": _prompt("tea coffee")},
             {"user": "B_1", "domain": "B", "prompt": _prompt("knife pan pot")}]
-    job = GenerationJob(str(tmp_path), "toy", backend, parser="regex", settings={"seed": 0}, show_progress=False)
+    job = Job(str(tmp_path), "toy", backend, parser="regex", settings={"seed": 0}, show_progress=False)
     recs = job.run(reqs)
     assert recs["A_1"]["names"] == ["Cast Iron Skillet", "Chef Knife", "Cutting Board"]
     assert recs["B_1"]["names"] == ["Green Tea", "Dark Roast Coffee", "Honey", "Oat Biscuits"]
@@ -393,10 +398,11 @@ def test_hf_pipeline_generates_parses_and_embeds(tmp_path):
     assert load_pseudo_items(npz, {"X_1": 1}, n_users=2)["index"].shape == (2, 1)  # nobody: one empty column
 
 
+@pytest.mark.slow
 def test_retrieval_stand_in_on_real_slice(tmp_path, fk_data):
     from recbole_cdsr.llm.encoders import TextEncoder
     from recbole_cdsr.llm.retrieval import RetrievalBackend
-    from recbole_cdsr.llm.stage1 import stage1_requests
+    from recbole_cdsr.stages.llmcdsr_inputs import stage1_requests
 
     d = f"{fk_data}/food-kitchen"
     reqs, overlapped = stage1_requests(d, "food-kitchen", shot=3, seed=0)
@@ -408,7 +414,7 @@ def test_retrieval_stand_in_on_real_slice(tmp_path, fk_data):
     assert first["prompt"].endswith("\n\n\n### Input:\n" + str([str(t) for t in first["titles"]]))
     sub = {"A": overlapped["A"][:200], "B": overlapped["B"][:200]}
     backend = RetrievalBackend(TextEncoder(), sub, neighbours=2)
-    job = GenerationJob(str(tmp_path), "fk", backend, settings={"seed": 0}, show_progress=False)
+    job = Job(str(tmp_path), "fk", backend, settings={"seed": 0}, show_progress=False)
     assert job.parser == "given"  # auto, with the stand-in: its names as they are
     recs = job.run(reqs[:5] + reqs[-5:])
     b_titles = {t for _, tgt in sub["A"] for t in tgt}
@@ -418,4 +424,4 @@ def test_retrieval_stand_in_on_real_slice(tmp_path, fk_data):
     assert set(recs["A_1"]["names"]) <= b_titles and len(recs["A_1"]["names"]) > 0
     assert job.identity["backend"]["backend"] == "retrieval"
     with pytest.raises(Exception, match="needs an LLM backend"):
-        GenerationJob(str(tmp_path), "fk", backend, parser="llm")
+        Job(str(tmp_path), "fk", backend, parser="llm")

@@ -5,15 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from recbole_cdsr.model.pretrain_ct import CollabTextPretrainer, DEFAULTS, pretrain_dataset, pretrain_domain
-from recbole_cdsr.llm.stage1 import read_training_sequences
-from recbole_cdsr.llm.encoders import read_item_titles
+from conftest import pretrain_hp
+from recbole_cdsr.data.atomic import read_item_titles, read_training_sequences
+from recbole_cdsr.stages.llmcdsr import pretrain_tables
+from recbole_cdsr.trainer.pretrain_ct import CollabTextPretrainer, pretrain_domain
 
-HP = dict(hidden_size=16, inner_size=32, epochs=3, patience=2, batch_size=32, max_len=10)
+DEFAULTS = pretrain_hp()
+HP = pretrain_hp(hidden_size=16, inner_size=32, epochs=3, patience=2, batch_size=32, max_len=10)
 
 
 def test_both_losses_reach_the_projection_and_embeddings():
-    hp = dict(DEFAULTS, **HP)
+    hp = HP
     m = CollabTextPretrainer(21, 8, hp)
     text = torch.randn(21, 8)
     inp = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
@@ -26,6 +28,7 @@ def test_both_losses_reach_the_projection_and_embeddings():
     assert g[[1, 2, 3, 6, 9]].abs().sum() > 0 and g[20].abs().sum() == 0  # untouched item: no gradient
 
 
+@pytest.mark.slow
 def test_pretrain_learns_and_is_cached(tmp_path, slice_data):
     import shutil
 
@@ -41,7 +44,7 @@ def test_pretrain_learns_and_is_cached(tmp_path, slice_data):
         def identity(self):
             return {"name": "random-test-vectors"}
 
-    out = pretrain_dataset(d, "fk-slice", Enc(), seqs, tokens, doms, text, hp=HP)
+    out = pretrain_tables(d, "fk-slice", Enc(), seqs, tokens, doms, text, hp=HP)
     for dom in ("A", "B"):
         n = int((doms == dom).sum())
         assert out[dom]["item_emb"].shape == (n, 16) and out[dom]["proj"].shape == (16, 8)
@@ -51,11 +54,12 @@ def test_pretrain_learns_and_is_cached(tmp_path, slice_data):
     m = json.loads(open(os.path.join(d, mans[0])).read())
     assert m["identity"]["hyper_parameters"]["hidden_size"] == 16 and m["sequences"] > 0
     stamp = {f: os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d) if ".pretrain-" in f}
-    again = pretrain_dataset(d, "fk-slice", Enc(), seqs, tokens, doms, text, hp=HP)
+    again = pretrain_tables(d, "fk-slice", Enc(), seqs, tokens, doms, text, hp=HP)
     assert np.array_equal(again["A"]["item_emb"], out["A"]["item_emb"])
     assert stamp == {f: os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d) if ".pretrain-" in f}
 
 
+@pytest.mark.slow
 def test_training_improves_validation_over_random():
     # a domain where item i is always followed by item i + 1: learnable
     seqs = [[(s + k) % 30 + 1 for k in range(6)] for s in range(30)] * 4
@@ -65,11 +69,10 @@ def test_training_improves_validation_over_random():
 
 
 def test_length_buckets_leave_losses_and_gradients_unchanged(monkeypatch):
-    import recbole_cdsr.model.pretrain_ct as pct
+    import recbole_cdsr.trainer.pretrain_ct as pct
 
-    monkeypatch.setattr(pct, "BUCKET_OVERHEAD", 0)  # small batch: let the plan use 3 groups
     torch.manual_seed(0)
-    m = CollabTextPretrainer(31, 8, dict(DEFAULTS, **HP))
+    m = CollabTextPretrainer(31, 8, dict(HP, bucket_overhead=0))  # small batch: let the plan use 3 groups
     m.eval()  # no dropout: both ways must give the same numbers
     text = torch.randn(31, 8)
     lens = [2, 9, 3, 10, 1, 5, 9]
@@ -82,7 +85,8 @@ def test_length_buckets_leave_losses_and_gradients_unchanged(monkeypatch):
     out = {}
     for k in (1, 3):
         m.zero_grad()
-        bce, nce = m.losses(inp, pos, neg, text, buckets=k)
+        m.length_buckets = k
+        bce, nce = m.losses(inp, pos, neg, text)
         (bce + 0.1 * nce).backward()
         out[k] = (bce.detach(), nce.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None])
     assert torch.allclose(out[1][0], out[3][0], atol=1e-6) and torch.equal(out[1][1], out[3][1])
@@ -93,7 +97,7 @@ def test_length_buckets_leave_losses_and_gradients_unchanged(monkeypatch):
 
 def test_validation_hit_at_10_is_the_pessimistic_full_ranking():
     torch.manual_seed(1)
-    m = CollabTextPretrainer(41, 8, dict(DEFAULTS, **HP))
+    m = CollabTextPretrainer(41, 8, HP)
     with torch.no_grad():  # ties: item 7 scores exactly as item 3 for every history
         m.enc.item_embedding.weight[7] = m.enc.item_embedding.weight[3]
     lens = [1, 4, 10, 2, 7, 3, 10, 5, 6, 1, 8]
@@ -127,7 +131,7 @@ def test_nt_xent_is_the_public_loss_on_dot_products_with_both_kinds_of_negatives
     [every row of the other view, every other row of its own view], logits = dot / tau."""
     import math
 
-    from recbole_cdsr.model.pretrain_ct import nt_xent
+    from recbole_cdsr.trainer.pretrain_ct import nt_xent
 
     torch.manual_seed(0)
     a, b = torch.randn(4, 3) * 2, torch.randn(4, 3) * 2  # dot products well outside [-1, 1]
@@ -152,7 +156,7 @@ def test_nt_xent_is_the_public_loss_on_dot_products_with_both_kinds_of_negatives
 
 
 def test_contrastive_term_covers_inputs_targets_and_negatives(monkeypatch):
-    import recbole_cdsr.model.pretrain_ct as pct
+    import recbole_cdsr.trainer.pretrain_ct as pct
 
     seen = {}
     real = pct.nt_xent
@@ -162,7 +166,7 @@ def test_contrastive_term_covers_inputs_targets_and_negatives(monkeypatch):
         return real(a, b, tau)
 
     monkeypatch.setattr(pct, "nt_xent", spy)
-    m = CollabTextPretrainer(31, 8, dict(DEFAULTS, **HP))
+    m = CollabTextPretrainer(31, 8, HP)
     inp = torch.tensor([[1, 2, 0], [3, 0, 0]])
     pos = torch.tensor([[2, 4, 0], [5, 0, 0]])
     neg = torch.tensor([[20, 21, 0], [22, 0, 0]])

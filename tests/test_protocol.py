@@ -109,6 +109,7 @@ def test_constant_model_scores_zero_and_predict_is_never_called(tmp_path, slice_
     assert torch.equal(ranks["full"], sizes[test.target_domain])
 
 
+@pytest.mark.slow
 def test_real_candidates_in_domain_never_target_and_reproducible(tmp_path, fk_data):
     cfg, ds, (train, valid, test) = _prepared(str(tmp_path), fk_data, "food-kitchen")
     cand = test.candidates
@@ -145,6 +146,7 @@ def test_candidates_exclude_history_option():
         draw_candidates(tokens, doms, ["a0"], [hists[0]], 8, 5, exclude_history=True)
 
 
+@pytest.mark.slow
 def test_candidate_files_identical_across_runs_and_models(tmp_path, slice_data):
     digests = []
     for model in ("GRU4Rec", "SASRec", "GRU4Rec"):
@@ -166,6 +168,7 @@ def test_candidate_files_identical_across_runs_and_models(tmp_path, slice_data):
     assert digests[0] == digests[1] == digests[2]
 
 
+@pytest.mark.slow
 def test_views_of_real_food_kitchen(tmp_path, fk_data):
     cfg = CDSRConfig("SASRec", "food-kitchen", config_dict=base_config(str(tmp_path), data_path=fk_data, train_view="prefix"))
     ds = create_cdsr_dataset(cfg, cfg.model_class)

@@ -11,6 +11,7 @@ from recbole_cdsr.quick_start import run_recbole_cdsr as run
 from conftest import base_config
 
 
+@pytest.mark.slow
 def test_cli_on_real_food_kitchen_converts_trains_and_prints_domains(tmp_path, fk_raw, capsys):
     data = tmp_path / "data"
     rc = run_recbole_cdsr.main(

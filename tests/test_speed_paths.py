@@ -18,7 +18,7 @@ from recbole_cdsr.data.length_groups import (
 )
 from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset
 from recbole_cdsr.model.fused_ce import linear_cross_entropy
-from recbole_cdsr.model.whole_sequence import (
+from recbole_cdsr.trainer.whole_sequence import (
     FUSED_CE_MODELS,
     SEQUENCE_MODELS,
     bert4rec_loss,
@@ -292,7 +292,7 @@ def test_sequence_loss_equals_mean_of_prefix_rows(model_env, model, loss_type):
 
 @pytest.mark.parametrize("model", sorted(SEQUENCE_MODELS))
 def test_sequence_states_never_see_later_items(model_env, model):
-    from recbole_cdsr.model.whole_sequence import SEQUENCE_MODELS as S
+    from recbole_cdsr.trainer.whole_sequence import SEQUENCE_MODELS as S
 
     tmp, data = model_env
     _, _, _, _, net = _build(model, tmp, data, train_view="sequence")
@@ -408,6 +408,7 @@ def test_dynamic_padding_settings(model_env, caplog):
         CDSRConfig("SASRec", "fk-slice", config_dict=base_config(tmp, data_path=data, length_group_batches=0))
 
 
+@pytest.mark.slow
 def test_train_speed_script_prints_its_ratios(model_env, capsys):
     """benchmarks/train_speed.py runs end to end (timings are its output, not asserted)."""
     import importlib.util

@@ -9,37 +9,31 @@ RecBole's internal id order: every model of a leaderboard ranks the same candida
 
 Files: ``<dataset>.<split>.cand-n<N>-seed<S>[-exhist].npz`` (``item_tokens``: all item
 tokens, sorted; ``neg``: int32 [instances, N] indices into ``item_tokens``; ``targets``,
-``users``) and a ``.json`` manifest (parameters, sha256 of the source files, of the npz and
-of its arrays), written last. Loading checks the files against the manifest and draws the
-sets again from the manifest's seed, which must give the same arrays: a candidate file
-changed by hand, or a manifest whose seed is not the one its sets were drawn with, is
-reported as a WARNING and the sets are drawn again. Missing files are drawn silently.
+``users``), a cached artefact (:mod:`recbole_cdsr.cache`) whose manifest holds the
+parameters, the sha256 of the source files, of the npz and of its arrays. Loading checks
+the files against the manifest and draws the sets again from the manifest's seed, which
+must give the same arrays: a candidate file changed by hand, or a manifest whose seed is
+not the one its sets were drawn with, is reported as a WARNING and the sets are drawn
+again. Missing files are drawn silently.
 """
 
 import hashlib
-import io
-import json
 import logging
 import os
 
 import numpy as np
 import pandas as pd
 
-from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_file
+from recbole_cdsr.cache import Artefact
+from recbole_cdsr.utils import sha256_file
 
-CANDIDATE_FORMAT_VERSION = 2  # 2: arrays_sha256, contents checked by a second draw
+CANDIDATE_FORMAT_VERSION = 3  # 2: arrays_sha256, contents checked by a second draw; 3: the shared manifest
 
 logger = logging.getLogger(__name__)
 
 
 class CandidateError(ValueError):
     pass
-
-
-def candidate_paths(dataset_dir, dataset_name, split, neg_num, seed, exclude_history):
-    tag = f"n{neg_num}-seed{seed}" + ("-exhist" if exclude_history else "")
-    base = os.path.join(dataset_dir, f"{dataset_name}.{split}.cand-{tag}")
-    return base + ".npz", base + ".json"
 
 
 def _read_items(path, item_field, domain_field):
@@ -122,45 +116,34 @@ class CandidateStore:
             os.path.join(self.dir, f"{self.name}.{split}.inter"),
         )
 
+    def artefact(self, split):
+        tag = f"n{self.neg_num}-seed{self.seed}" + ("-exhist" if self.exclude_history else "")
+        return Artefact(self.dir, f"{self.name}.{split}.cand", {
+            "format_version": CANDIDATE_FORMAT_VERSION, "split": split, "neg_num": self.neg_num,
+            "seed": self.seed, "exclude_history": self.exclude_history,
+            "sources_sha256": {os.path.basename(p): sha256_file(p) for p in self._sources(split)},
+        }, tag=tag)
+
     def paths(self, split):
-        return candidate_paths(
-            self.dir, self.name, split, self.neg_num, self.seed, self.exclude_history
-        )
+        art = self.artefact(split)
+        return art.path, art.manifest_path
 
     def check(self, split):
         """``(True, None)`` when the files are complete and consistent; ``(False, None)`` when
-        they are missing (never drawn, or an old format); ``(False, reason)`` when they are
-        present but do not match what their manifest says."""
-        npz, man = self.paths(split)
-        if not (os.path.isfile(npz) and os.path.isfile(man)):
-            return False, None
+        they are missing; ``(False, reason)`` when they are present but do not match what
+        their manifest says."""
+        art = self.artefact(split)
+        m, reason = art.check()
+        if m is None:
+            return False, reason
         try:
-            with open(man, encoding="utf-8") as f:
-                m = json.load(f)
-        except (OSError, ValueError) as e:
-            return False, f"manifest {man} is unreadable ({e})"
-        if not isinstance(m, dict) or m.get("format_version") != CANDIDATE_FORMAT_VERSION:
-            return False, None
-        for key, want in (("neg_num", self.neg_num), ("seed", self.seed), ("exclude_history", self.exclude_history)):
-            if m.get(key) != want:
-                return False, f"manifest {man} states {key} {m.get(key)!r}, its file name {want!r}"
-        item_path, inter_path = self._sources(split)
-        srcs = m.get("sources_sha256") or {}
-        for path in (item_path, inter_path):
-            if srcs.get(os.path.basename(path)) != sha256_file(path):
-                return False, f"the candidate sets were drawn from another {os.path.basename(path)} (it changed since)"
-        if m.get("npz_sha256") != sha256_file(npz):
-            return False, f"{npz} is not the file its manifest describes (changed after it was written)"
-        try:
-            with np.load(npz, allow_pickle=False) as z:
-                stored = {k: z[k] for k in ("item_tokens", "neg", "targets", "users")}
+            stored = art.load_arrays()
         except Exception as e:  # a corrupt archive of any kind
-            return False, f"{npz} is unreadable ({type(e).__name__}: {e})"
+            return False, f"{art.path} is unreadable ({type(e).__name__}: {e})"
         if arrays_sha256(stored) != m.get("arrays_sha256"):
-            return False, f"the arrays of {npz} differ from the hash in its manifest"
-        drawn = self._draw(split)
-        if arrays_sha256(drawn) != m.get("arrays_sha256"):
-            return False, (f"the candidate sets of {npz} are not the ones seed {self.seed} draws "
+            return False, f"the arrays of {art.path} differ from the hash in its manifest"
+        if arrays_sha256(self._draw(split)) != m.get("arrays_sha256"):
+            return False, (f"the candidate sets of {art.path} are not the ones seed {self.seed} draws "
                            "(its manifest states a seed it was not drawn with)")
         return True, None
 
@@ -176,32 +159,13 @@ class CandidateStore:
 
     def build(self, split):
         arrays = self._draw(split)
-        item_path, inter_path = self._sources(split)
-        npz, man = self.paths(split)
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
-        atomic_write_bytes(npz, buf.getvalue())
-        atomic_write_json(
-            man,
-            {
-                "format_version": CANDIDATE_FORMAT_VERSION,
-                "split": split,
-                "neg_num": self.neg_num,
-                "seed": self.seed,
-                "exclude_history": self.exclude_history,
-                "instances": int(len(arrays["targets"])),
-                "method": "numpy default_rng(seed); per instance, in file order, "
-                "neg_num distinct items uniform from the target's domain (items sorted by "
-                "token), excluding the target" + (" and the history" if self.exclude_history else ""),
-                "sources_sha256": {
-                    os.path.basename(item_path): sha256_file(item_path),
-                    os.path.basename(inter_path): sha256_file(inter_path),
-                },
-                "npz_sha256": sha256_file(npz),
-                "arrays_sha256": arrays_sha256(arrays),
-            },
-        )
-        logger.info(f"drew candidate sets for {self.name}.{split}: {npz}")
+        art = self.artefact(split)
+        art.write_arrays(arrays, compressed=True, instances=int(len(arrays["targets"])),
+                         method="numpy default_rng(seed); per instance, in file order, neg_num distinct items "
+                         "uniform from the target's domain (items sorted by token), excluding the target"
+                         + (" and the history" if self.exclude_history else ""),
+                         arrays_sha256=arrays_sha256(arrays))
+        logger.info(f"drew candidate sets for {self.name}.{split}: {art.path}")
 
     def load(self, split, split_dataset):
         """LongTensor [instances, neg_num] of internal item ids, rows aligned with
@@ -216,7 +180,7 @@ class CandidateStore:
             self.build(split)
         npz, _ = self.paths(split)
         with np.load(npz, allow_pickle=False) as z:
-            tokens, neg, users = z["item_tokens"], z["neg"], z["users"]
+            tokens, neg, users = z["item_tokens"], z["neg"], z["users"]  # checked (or drawn) just above
         ds = self.dataset
         tok2id = ds.field2token_id[ds.iid_field]
         missing = [t for t in tokens if t not in tok2id]

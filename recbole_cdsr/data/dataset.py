@@ -94,6 +94,17 @@ class CDSRDataset(SequentialDataset):
     def _resolve(self, path):
         return path if os.path.isabs(path) or os.path.exists(path) else os.path.join(self.dataset_path, path)
 
+    def _side_file(self, key, path):
+        """``path`` (of config ``key``) resolved and checked against its manifest."""
+        from recbole_cdsr.cache import verified_manifest
+
+        path = self._resolve(path)
+        try:
+            verified_manifest(path)
+        except (OSError, ValueError) as e:
+            raise CDSRDataError(f"{key}: {e} (run the model's stages first)") from None
+        return path
+
     def _init_side_information(self):
         """``pseudo_items`` (stage-1 names embedded) and ``recall_tables`` (stage-2 item
         embeddings and projections) of LLMCDSR, ``item_text`` [item_num, d] and
@@ -120,10 +131,7 @@ class CDSRDataset(SequentialDataset):
             tok2id = self.field2token_id[self.iid_field]
             self.recall_tables = {}
             for dom, path in tables.items():
-                path = self._resolve(path)
-                if not os.path.isfile(path):
-                    raise CDSRDataError(f"recall_tables: {path} does not exist (run stage 2 first)")
-                with np.load(path, allow_pickle=False) as z:
+                with np.load(self._side_file("recall_tables", path), allow_pickle=False) as z:
                     toks, emb, proj = z["item_tokens"], z["item_emb"], z["proj"]
                 ids = [tok2id.get(str(t), 0) for t in toks]
                 self.recall_tables[dom] = {
@@ -140,10 +148,7 @@ class CDSRDataset(SequentialDataset):
         path = self.config[key]
         if not path:
             return None
-        path = self._resolve(path)
-        if not os.path.isfile(path):
-            raise CDSRDataError(f"{key}: {path} does not exist (run the model's stages first)")
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(self._side_file(key, path), allow_pickle=False) as z:
             toks, emb = z[token_key], z["emb"]
         tok2id = self.field2token_id[field]
         table = np.zeros((n_rows, emb.shape[1]), dtype=np.float32)
@@ -177,9 +182,9 @@ class CDSRDataset(SequentialDataset):
                 split = self.benchmark_filename_list[i]
                 raise CDSRDataError(f"{split} file holds a row with an empty history")
             if i == 0 and self.train_view == "prefix":
-                cols = _prefix_rows(uid, hist, target, max_len, self.config["train_min_history"] or 1)
+                cols = _prefix_rows(uid, hist, target, max_len, self.config["train_min_history"])
             elif i == 0 and self.windows:
-                cols = _window_rows(uid, hist, target, max_len, self.config["train_min_history"] or 1)
+                cols = _window_rows(uid, hist, target, max_len, self.config["train_min_history"])
             else:
                 cols = _last_rows(uid, hist, target, max_len)
             parts.append(cols)

@@ -39,7 +39,7 @@ EXACT_UNDER_TRIMMING = frozenset(
     }
 )
 
-#: Why the others keep full padding (measured by the same test; shown in the README).
+#: Why the others keep full padding (measured by the same test; listed in docs/speed.md).
 NOT_EXACT_REASON = {
     "Caser": "fails on trimmed batches: its horizontal and vertical convolutions are as tall as the padded length",
     "FEARec": "fails on trimmed batches (an index error in its loss, which mixes in full-length rows of the dataset)",

@@ -78,8 +78,8 @@ def ensure_atomic_files(config):
 def resolve_train_view(config, model_class):
     """``train_view`` for this model: the config's, or with ``auto`` the model's own
     (``TRAIN_VIEW`` of the plugin's models; ``sequence`` for RecBole's models that train
-    on whole sequences exactly, see :mod:`recbole_cdsr.model.whole_sequence`; else prefix)."""
-    from recbole_cdsr.model.whole_sequence import supports_sequence_view
+    on whole sequences exactly, see :mod:`recbole_cdsr.trainer.whole_sequence`; else prefix)."""
+    from recbole_cdsr.trainer.whole_sequence import supports_sequence_view
 
     view = config["train_view"]
     if view == "auto":
@@ -88,7 +88,7 @@ def resolve_train_view(config, model_class):
             view = "sequence" if supports_sequence_view(model_class, config) else "prefix"
     elif view == "sequence" and not hasattr(model_class, "TRAIN_VIEW"):
         if not supports_sequence_view(model_class, config):
-            from recbole_cdsr.model.whole_sequence import SEQUENCE_MODELS
+            from recbole_cdsr.trainer.whole_sequence import SEQUENCE_MODELS
 
             raise ValueError(
                 f"train_view: sequence is not available for {model_class.__name__} (RecBole's models "

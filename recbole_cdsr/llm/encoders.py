@@ -6,27 +6,29 @@ a local folder (or, where a model hub is reachable, by its hub name).
 
 Item title embeddings are cached per dataset and encoder next to the dataset:
 ``<dataset>.textemb-<encoder>.npy`` (float32 [items, d], rows in the order of the ``.item``
-file) and a ``.json`` manifest (encoder identity, sha256 of the ``.item`` file, shape).
-The cache is reused only when the manifest matches; it is written through temporary
-files and renamed, the manifest last.
+file) with its manifest (encoder identity, sha256 of the ``.item`` file), see
+:mod:`recbole_cdsr.cache`. Long encodings run in parts that survive an interruption
+(:func:`encode_in_parts`).
 """
 
 import hashlib
 import io
-import json
 import logging
 import os
 import re
+import time
 
 import numpy as np
 
-from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_file
+from recbole_cdsr.cache import Artefact, identity_tag
+from recbole_cdsr.data.atomic import read_item_titles
+from recbole_cdsr.utils import atomic_write_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_ENCODER, "sentence-transformers/all-MiniLM-L6-v2", "default"}
-TEXT_EMB_FORMAT_VERSION = 1
+TEXT_EMB_FORMAT_VERSION = 2  # 2: the shared artefact manifest
 
 
 class EncoderError(ValueError):
@@ -111,56 +113,72 @@ class TextEncoder:
         return np.asarray(emb, dtype=np.float32)
 
 
-def read_item_titles(item_path):
-    """(tokens, domains, titles) of a ``.item`` file, in file order (CSV quoting honoured)."""
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(item_path, delimiter="\t", dtype=str, engine="python", keep_default_na=False)
-    except (OSError, ValueError) as e:
-        raise EncoderError(f"{item_path}: cannot read item file ({e})") from None
-    cols = {c.split(":")[0]: c for c in df.columns}
-    for f in ("item_id", "domain", "title"):
-        if f not in cols:
-            raise EncoderError(f"{item_path}: missing column {f} (convert the release again)")
-    return (
-        df[cols["item_id"]].to_numpy().astype(str),
-        df[cols["domain"]].to_numpy().astype(str),
-        df[cols["title"]].to_numpy().astype(str),
-    )
-
-
-def item_text_embeddings(dataset_dir, dataset_name, encoder, show_progress=False, items=None):
-    """Title embeddings of every item of a dataset, cached with a manifest.
+def item_text_embeddings(dataset_dir, dataset_name, encoder, items=None, stage=""):
+    """Title embeddings of every item of a dataset, cached (:class:`~recbole_cdsr.cache.Artefact`
+    ``<dataset>.textemb-<encoder>.npy``, rows in ``.item`` order).
 
     ``items``: the ``read_item_titles`` result of the dataset's ``.item`` file, when the
-    caller has read it already.
+    caller has read it already. ``stage``: what the progress lines say they belong to.
 
     Returns:
         (tokens, domains, emb): item tokens and domains in ``.item`` order, float32 [n, d].
     """
     item_path = os.path.join(dataset_dir, f"{dataset_name}.item")
     tokens, domains, titles = read_item_titles(item_path) if items is None else items
-    base = os.path.join(dataset_dir, f"{dataset_name}.textemb-{encoder.slug()}")
-    npy, man = base + ".npy", base + ".json"
-    expected = {
+    art = Artefact(dataset_dir, f"{dataset_name}.textemb", {
         "format_version": TEXT_EMB_FORMAT_VERSION,
         "encoder": encoder.identity(),
         "item_file_sha256": sha256_file(item_path),
         "items": int(len(tokens)),
-    }
-    if os.path.isfile(npy) and os.path.isfile(man):
-        try:
-            with open(man) as f:
-                m = json.load(f)
-            if {k: m.get(k) for k in expected} == expected and m.get("npy_sha256") == sha256_file(npy):
-                return tokens, domains, np.load(npy, allow_pickle=False)
-        except (OSError, ValueError):
-            pass
-    logger.info(f"encoding {len(titles)} item titles with {encoder.name}")
-    emb = encoder.encode(list(titles), show_progress=show_progress)
-    buf = io.BytesIO()
-    np.save(buf, emb, allow_pickle=False)
-    atomic_write_bytes(npy, buf.getvalue())
-    atomic_write_json(man, dict(expected, npy_sha256=sha256_file(npy), shape=list(emb.shape)))
+    }, suffix=".npy", tag=encoder.slug())
+    if art.cached("item title embeddings"):
+        return tokens, domains, art.load_arrays()
+    emb = encode_in_parts(encoder, list(titles), art.path[:-4] + f".parts-{identity_tag(art.identity)}",
+                          what=f"{stage}item titles ({encoder.name})")
+    art.write_arrays(emb, shape=list(emb.shape))
     return tokens, domains, emb
+
+
+PART_SIZE = 4096  # texts per cached part of a long encoding job
+
+
+def encode_in_parts(encoder, texts, parts_dir, what="texts", part_size=None):
+    """``encoder.encode(texts)``, done in parts of ``PART_SIZE`` texts, each saved (atomically)
+    under ``parts_dir`` as soon as it is done, so that an interrupted job resumes where it
+    stopped; a line per part says how far it is and the time left. ``parts_dir`` must be
+    specific to the texts and the encoder (the caller's content tag); it is removed once the
+    whole table is returned. A part with the wrong shape is encoded again."""
+    if not texts:
+        return np.zeros((0, encoder.dim), dtype=np.float32)
+    size = int(part_size or PART_SIZE)
+    n_parts = max((len(texts) + size - 1) // size, 1)
+    os.makedirs(parts_dir, exist_ok=True)
+    out, started, done_now = [], time.time(), 0
+    if n_parts > 1:
+        logger.info(f"embedding {what}: {len(texts)} texts in {n_parts} parts of {size}")
+    for k in range(n_parts):
+        chunk = texts[k * size:(k + 1) * size]
+        part = os.path.join(parts_dir, f"part-{k:05d}-of-{n_parts:05d}.npy")
+        emb = None
+        if os.path.isfile(part):
+            try:
+                emb = np.load(part, allow_pickle=False)
+            except (OSError, ValueError):
+                emb = None
+            if emb is not None and emb.shape[0] != len(chunk):
+                emb = None
+        if emb is None:
+            emb = np.asarray(encoder.encode(chunk), dtype=np.float32)
+            buf = io.BytesIO()
+            np.save(buf, emb, allow_pickle=False)
+            atomic_write_bytes(part, buf.getvalue())
+            done_now += 1
+            eta = (time.time() - started) / done_now * (n_parts - k - 1)
+            logger.info(f"embedding {what}: part {k + 1}/{n_parts} done ({min((k + 1) * size, len(texts))} of "
+                        f"{len(texts)}), about {eta / 60:.1f} min left")
+        out.append(emb)
+    table = np.concatenate(out)
+    for f in os.listdir(parts_dir):
+        os.remove(os.path.join(parts_dir, f))
+    os.rmdir(parts_dir)
+    return table

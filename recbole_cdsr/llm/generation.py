@@ -1,33 +1,31 @@
-"""Stage 1 of LLMCDSR: candidate-free cross-domain generation for single-domain users.
+"""A resumable LLM generation job over a set of users, and the parsers of its answers.
 
-For every single-domain training user of domain D the LLM is asked, with the release's
-instruction prefix for D -> D' and ``shot`` in-context examples (overlapped users, drawn
-with a seed), to name D' items the user may like. The prompt is the public code's, byte
-for byte (:func:`build_prompt`). Answers are parsed into item names:
+Each request is one user's prompt; answers are parsed into item names (or kept as text):
 
-``llm``    a second call to the same model, with the public code's extraction prompt
-           (:func:`extract_prompt`), then the name pattern on its answer (the public method);
-``regex``  the name pattern on the answer itself (cheaper: one call per user);
+``llm``    a second call to the same model with an extraction prompt (the caller's
+           ``extract_prompt``), then the name pattern on its answer;
+``regex``  the name pattern on the answer itself (one call per user);
 ``given``  the names a non-LLM backend hands over as they are (the retrieval stand-in);
+``text``   the answer itself is the product (a user profile); an empty answer fails;
 ``auto``   ``llm`` for an LLM backend, ``given`` otherwise.
 
 Name pattern (``name_pattern``): ``lines`` (:func:`parse_names`: numbered or bulleted lines,
-the last line too) or ``public`` (:func:`parse_names_public`: the public code's regex).
-Users with ``min_names`` or fewer names (default 2, as the public code) get no pseudo items.
+the last line too) or ``public`` (:func:`parse_names_public`: LLMCDSR's public regex).
+Users with ``min_names`` or fewer names get no pseudo items.
 
 Results are appended per user to a JSONL file (user, domain, status, raw answer, names,
 error, attempts), flushed after every batch: a crash loses at most the batch in flight and
 a rerun skips the users already done (``status: ok``); failed users are retried on the next
 run and stay recorded as failed until they succeed. A manifest records backend, model,
-prompt version, parser, shot and seed; the JSONL file name carries a hash of them, so a
-different configuration never mixes with an earlier one.
+prompt version, parser and settings; the JSONL file name carries a hash of them, so a
+different configuration never mixes with an earlier one. The prompts themselves belong to
+the model's stages (:mod:`recbole_cdsr.stages`).
 """
 
 import hashlib
 import json
 import logging
 import os
-import random
 import re
 import time
 
@@ -35,14 +33,6 @@ from recbole_cdsr.utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-# v2: the public code's prompt and extraction prompt byte for byte (v1 had its own layout)
-PROMPT_VERSION = "llmcdsr-icl-v2"
-# the instruction of the public code's second ("parse") call, verbatim: the model is expected
-# to reproduce it exactly, so it is part of the method's prompt format
-EXTRACT_INSTRUCTION = (
-    "Extract the names of the items directly, and list them with numbers starting with 1. "
-    "If there are no items, Don't output anything."
-)
 PARSERS = ("auto", "llm", "regex", "given", "text")
 NAME_PATTERNS = ("lines", "public")
 _LINE = re.compile(r"^\s*(?:\d+\s*[.):]|[-*\u2022])\s*(.+?)\s*$")
@@ -85,40 +75,6 @@ def parse_names_public(text):
 NAME_PARSERS = {"lines": parse_names, "public": parse_names_public}
 
 
-def _title_list(titles):
-    """A list of titles written as the public code writes it: Python's ``str`` of a list of str."""
-    return str([str(t) for t in titles])
-
-
-def build_prompt(prefix, examples, user_titles):
-    """The LLMCDSR in-context prompt, as the public code builds it (``prefix + concat_icl``).
-
-    ``prefix``: the release's instruction file, as read (its trailing blank line included).
-    ``examples``: list of (source-domain titles, target-domain titles) of overlapped users.
-    Each example: ``### Example i``, then ``Input:`` directly followed by the source titles as
-    a Python list literal, ``Output:`` and one ``- title`` line per target title, then a blank
-    line; then a blank line, ``### Input:`` and the user's titles as a list literal; nothing
-    after it (a chat template or role token, if any, is the backend's)."""
-    out = [prefix]
-    for i, (src, tgt) in enumerate(examples, 1):
-        out.append(f"### Example {i}\nInput:{_title_list(src)}\nOutput:\n")
-        out.append("\n".join(f"- {t}" for t in tgt))
-        out.append("\n\n")
-    out.append(f"\n### Input:\n{_title_list(user_titles)}")
-    return "".join(out)
-
-
-def extract_prompt(answer):
-    """The public code's extraction prompt for one answer. The public code writes the answer
-    to a file and reads it back with ``readlines`` (newlines normalised), joins the lines
-    (which keep their newline) with another newline, so every line break is doubled, wraps
-    that in double quotes and adds a blank line and the instruction."""
-    text = (answer or "").replace("\r\n", "\n").replace("\r", "\n")
-    lines = text.split("\n")
-    kept = [ln + "\n" for ln in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
-    return '"' + "\n".join(kept) + '"' + "\n\n" + EXTRACT_INSTRUCTION
-
-
 class GenerationJob:
     """Generation for a set of users, resumable through an append-only JSONL file.
 
@@ -126,16 +82,18 @@ class GenerationJob:
         out_dir (str): where the JSONL and manifest go (the dataset folder).
         dataset_name (str): prefix of the files.
         backend: an object with ``generate(prompts) -> [Completion]`` and ``identity()``.
+        prompt_version (str): names the prompt format (part of the identity).
         parser (str): ``auto``, ``llm``, ``regex``, ``given`` (names) or ``text`` (the answer
             itself is the product); see the module docstring. ``auto`` is resolved here and the
             resolved parser is what the identity records.
         name_pattern (str): ``lines`` or ``public`` (parsers ``llm`` and ``regex``).
-        settings (dict): everything else that defines the output (shot, seed, prompt version...).
+        settings (dict): everything else that defines the output (shot, seed, ...).
+        extract_prompt: parser ``llm``: answer text -> the prompt of the extraction call.
     """
 
-    def __init__(self, out_dir, dataset_name, backend, parser="auto", settings=None, batch_size=16,
-                 min_names=2, show_progress=True, prompt_version=PROMPT_VERSION, kind="gen",
-                 desc="LLM generation", name_pattern="lines"):
+    def __init__(self, out_dir, dataset_name, backend, prompt_version, parser="auto", settings=None,
+                 batch_size=16, min_names=2, show_progress=True, kind="gen", desc="LLM generation",
+                 name_pattern="lines", extract_prompt=None):
         if parser not in PARSERS:
             raise GenerationError(
                 f"llm_parser must be one of {', '.join(PARSERS[:4])} (names) or 'text' (the answer itself), "
@@ -147,11 +105,14 @@ class GenerationJob:
             parser = "llm" if is_llm else ("given" if gives_names else "regex")
         if parser == "llm" and not is_llm:
             raise GenerationError("llm_parser 'llm' needs an LLM backend (hf or openai); use 'regex' or 'auto'")
+        if parser == "llm" and extract_prompt is None:
+            raise GenerationError("llm_parser 'llm' needs the stage's extraction prompt; use 'regex' here")
         if parser == "given" and not gives_names:
             raise GenerationError("llm_parser 'given' needs a backend that hands over names (the retrieval stand-in)")
         if name_pattern not in NAME_PATTERNS:
             raise GenerationError(f"name_pattern must be one of {', '.join(NAME_PATTERNS)}, got {name_pattern!r}")
         self.backend = backend
+        self.extract_prompt = extract_prompt
         self.parser = parser
         self.name_pattern = name_pattern
         self.parse_names = NAME_PARSERS[name_pattern]
@@ -207,7 +168,7 @@ class GenerationJob:
         if self.parser == "regex":
             return [self.parse_names(c.text) if c.ok else [] for c in completions]
         todo = [i for i, c in enumerate(completions) if c.ok]
-        extracted = self.backend.generate([extract_prompt(completions[i].text) for i in todo])
+        extracted = self.backend.generate([self.extract_prompt(completions[i].text) for i in todo])
         if len(extracted) != len(todo):
             raise GenerationError(f"backend returned {len(extracted)} extractions for {len(todo)} prompts")
         names = [[] for _ in completions]
@@ -285,27 +246,3 @@ class GenerationJob:
         if failed:
             logger.warning(f"{self.desc}: {failed} users failed; they are recorded and retried on the next run")
         return out
-
-
-def sample_examples(overlapped, shot, rng):
-    """``shot`` in-context examples drawn with ``rng`` from overlapped users (src, tgt) pairs."""
-    pool = [e for e in overlapped if e[0] and e[1]]
-    if len(pool) < shot:
-        raise GenerationError(f"need {shot} overlapped users with items in both domains, found {len(pool)}")
-    return rng.sample(pool, shot)
-
-
-def make_requests(users, overlapped_by_domain, prefixes, shot, seed):
-    """Prompts for single-domain users.
-
-    ``users``: list of (user token, domain D, D titles); ``overlapped_by_domain[D]``: list of
-    (D titles, D' titles) of overlapped users; ``prefixes[D]``: instruction prefix D -> D'.
-    Each user's examples come from ``random.Random(f"{seed}-{user}")``, so a user's prompt
-    does not depend on which other users are generated in the same run.
-    """
-    reqs = []
-    for user, dom, titles in users:
-        rng = random.Random(f"{seed}-{user}")
-        ex = sample_examples(overlapped_by_domain[dom], shot, rng)
-        reqs.append({"user": user, "domain": dom, "prompt": build_prompt(prefixes[dom], ex, titles)})
-    return reqs

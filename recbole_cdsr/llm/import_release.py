@@ -8,45 +8,22 @@ released files that line number is also the user id written on the line, which t
 converter keeps in its user tokens (``A_5``, ``B_5``). Domains written as ``'A'``/``'B'``
 are accepted too.
 
-The file is decoded with an unpickler that admits only what numpy needs to rebuild plain
-arrays (``_reconstruct``, ``_frombuffer``, ``ndarray``, ``dtype``, ``scalar``); any other
-global is refused, and the result is checked to have exactly that shape of content.
+The file is decoded with the project's restricted unpickler admitting only what numpy needs
+to rebuild plain arrays (``_reconstruct``, ``_frombuffer``, ``ndarray``, ``dtype``,
+``scalar``: :data:`~dataset_converters.safe_pickle.NUMPY_ARRAY_GLOBALS`); any other global is refused, and the result is checked to have exactly that shape of content.
 """
 
-import importlib
-import io
 import numbers
-import pickle
 
 import numpy as np
 
-_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),  # arrays pickled with protocol 5
-    ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-}
+from dataset_converters.safe_pickle import NUMPY_ARRAY_GLOBALS, restricted_loads
+
 _DOMAINS = {0: "A", 1: "B", "A": "A", "B": "B"}
 
 
 class ReleaseImportError(ValueError):
     pass
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED:
-            try:
-                return getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError):  # numpy 1 names in numpy 2, or the reverse
-                other = module.replace("numpy._core", "numpy.core") if "_core" in module else module.replace(
-                    "numpy.core", "numpy._core")
-                return getattr(importlib.import_module(other), name)
-        raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}'")
 
 
 def release_domain(dom):
@@ -69,7 +46,7 @@ def read_generation_embeddings(path):
     """``{(domain 'A'/'B', user id): float32 array [L, d]}`` from a released generation pickle."""
     try:
         with open(path, "rb") as f:
-            obj = _ArrayUnpickler(io.BytesIO(f.read())).load()
+            obj = restricted_loads(f.read(), NUMPY_ARRAY_GLOBALS)
     except OSError as e:
         raise ReleaseImportError(f"{path}: cannot read ({e.strerror})") from None
     except Exception as e:

@@ -11,26 +11,41 @@ names are left out (no pseudo items).
 ``dataset.pseudo_items`` (tensors indexed by RecBole's internal user ids).
 """
 
-import hashlib
-import io
-import json
-import os
-
 import numpy as np
 
-from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_file
+from recbole_cdsr.cache import Artefact, verified_manifest
 
-PSEUDO_FORMAT_VERSION = 1
+PSEUDO_FORMAT_VERSION = 2  # 2: the shared artefact manifest
 
 
 class PseudoItemError(ValueError):
     pass
 
 
-def write_pseudo_items(dataset_dir, dataset_name, records, encoder, source_manifest, min_names=2):
-    """Embed the names of ``records`` (``{user: record}`` from a GenerationJob) and write them.
+def pseudo_arrays(users, domains, offsets, index, names, emb):
+    """The arrays of a pseudo-item file (layout in the module docstring)."""
+    return {
+        "users": np.asarray(users, dtype=str),
+        "domains": np.asarray(domains, dtype=str),
+        "offsets": np.asarray(offsets, dtype=np.int64),
+        "index": np.asarray(index, dtype=np.int32),
+        "names": np.asarray(names, dtype=str),
+        "emb": np.asarray(emb, dtype=np.float32),
+    }
 
-    Returns the npz path."""
+
+def write_pseudo_items(dataset_dir, dataset_name, records, encoder, source, min_names=2):
+    """Embed the names of ``records`` (``{user: record}`` from a GenerationJob) and write
+    them, or reuse the file built from the same ``source`` (what identifies the records),
+    encoder and ``min_names``. Returns the npz path."""
+    art = Artefact(dataset_dir, f"{dataset_name}.pseudo", {
+        "format_version": PSEUDO_FORMAT_VERSION,
+        "generation": source,
+        "encoder": encoder.identity(),
+        "min_names": min_names,
+    })
+    if art.cached("pseudo items"):
+        return art.path
     users, domains, offsets, index = [], [], [0], []
     name_row = {}
     for user in sorted(records):
@@ -46,34 +61,12 @@ def write_pseudo_items(dataset_dir, dataset_name, records, encoder, source_manif
             index.append(name_row[n])
         offsets.append(len(index))
     names = list(name_row)
-    emb = encoder.encode(names) if names else np.zeros((0, encoder.dim), np.float32)
-    ident = {
-        "format_version": PSEUDO_FORMAT_VERSION,
-        "generation": source_manifest,
-        "encoder": encoder.identity(),
-        "min_names": min_names,
-    }
-    tag = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    base = os.path.join(dataset_dir, f"{dataset_name}.pseudo-{tag}")
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        users=np.asarray(users, dtype=str),
-        domains=np.asarray(domains, dtype=str),
-        offsets=np.asarray(offsets, dtype=np.int64),
-        index=np.asarray(index, dtype=np.int32),
-        names=np.asarray(names, dtype=str),
-        emb=np.asarray(emb, dtype=np.float32),
-    )
-    atomic_write_bytes(base + ".npz", buf.getvalue())
-    atomic_write_json(base + ".json", {
-        "identity": ident,
-        "users": len(users),
-        "unique_names": len(names),
-        "dim": int(emb.shape[1]) if len(names) else encoder.dim,
-        "npz_sha256": sha256_file(base + ".npz"),
-    })
-    return base + ".npz"
+    from recbole_cdsr.llm.encoders import encode_in_parts
+
+    emb = encode_in_parts(encoder, names, art.path[:-4] + ".parts", what="stage 1: pseudo-item names")
+    art.write_arrays(pseudo_arrays(users, domains, offsets, index, names, emb), users=len(users),
+                     unique_names=len(names), dim=int(emb.shape[1]) if len(names) else encoder.dim)
+    return art.path
 
 
 def load_pseudo_items(path, user_token2id, n_users, max_per_user=None):
@@ -83,13 +76,10 @@ def load_pseudo_items(path, user_token2id, n_users, max_per_user=None):
     count among the dataset's users, at least 1). Checks the manifest's sha256 first."""
     import torch
 
-    man = path[: -len(".npz")] + ".json"
-    if not (os.path.isfile(path) and os.path.isfile(man)):
-        raise PseudoItemError(f"pseudo_items: {path} (or its manifest) does not exist; run stage 1 first")
-    with open(man) as f:
-        m = json.load(f)
-    if m.get("npz_sha256") != sha256_file(path):
-        raise PseudoItemError(f"pseudo_items: {path} does not match its manifest (incomplete or changed)")
+    try:
+        m = verified_manifest(path)
+    except (OSError, ValueError) as e:
+        raise PseudoItemError(f"pseudo_items: {e}; run stage 1 first") from None
     with np.load(path, allow_pickle=False) as z:
         users, offsets, index, emb = z["users"], z["offsets"], z["index"], z["emb"]
     if max_per_user is not None and int(max_per_user) < 0:

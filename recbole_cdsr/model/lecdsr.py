@@ -6,7 +6,7 @@ Reference:
 
 One mixed sequence of both domains over the joint item space, with two frozen LLM-made
 tables: item text vectors X_item [N, d_llm] and user profile vectors X_user [U, d_llm]
-(built by :func:`recbole_cdsr.stages.prepare_lecdsr`, read from the dataset).
+(built by :func:`recbole_cdsr.stages.lecdsr.prepare`, read from the dataset).
 
 For a history of n <= L items (L = ``MAX_ITEM_LIST_LENGTH``; rows are right-aligned inside
 the model, newest item in the last slot, padding in front, as in the paper):
@@ -101,20 +101,11 @@ def alignment_loss(x, y, mask, tau2):
     return (per_slot * m).sum() / m.sum().clamp(min=1.0)
 
 
-def _choice(config, key, allowed, default):
-    value = config[key]
-    value = default if value is None else str(value).lower()
-    if value not in allowed:
-        raise ValueError(f"{key}: {config[key]!r}, expected one of {', '.join(allowed)}")
-    return value
-
-
 class LeCDSR(SequentialRecommender):
     input_type = InputType.POINTWISE
     TRAIN_VIEW = "prefix"
-    row_bucket = 1024  # distinct items of a batch are padded to a multiple of this (see forward)
-    INIT_SCHEMES = ("xavier", "normal")
-    USER_VECTORS = ("id", "zero")  # u without profiles
+    INIT_SCHEMES = ("xavier", "normal")  # lecdsr_init (checked by the config schema)
+    USER_VECTORS = ("id", "zero")  # lecdsr_user_vector: u without profiles
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -126,9 +117,9 @@ class LeCDSR(SequentialRecommender):
         self.n_neg = int(config["n_neg"])
         self.use_profiles = bool(config["lecdsr_use_profiles"])
         self.use_item_text = bool(config["lecdsr_use_item_text"])
-        self.init_scheme = _choice(config, "lecdsr_init", self.INIT_SCHEMES, "xavier")
-        self.user_vector = "profile" if self.use_profiles else _choice(
-            config, "lecdsr_user_vector", self.USER_VECTORS, "id")
+        self.init_scheme = config["lecdsr_init"]
+        self.user_vector = "profile" if self.use_profiles else config["lecdsr_user_vector"]
+        self.row_bucket = config["lecdsr_row_bucket"]  # distinct items of a batch padded to a multiple (forward)
         std = config["embedding_init_std"] or 1.0 / d
 
         # the public model's constructor ("normal"); "xavier" re-initialises on top of it
@@ -208,13 +199,6 @@ class LeCDSR(SequentialRecommender):
                 nn.init.xavier_normal_(p.data.view(self.public_shape(name, p)))
         self.item_embedding.weight[0].zero_()
         self.position_embedding.weight[0].zero_()
-
-    @staticmethod
-    def prepare_stages(config):
-        """Item text vectors and user profiles (cached); config updates and a record."""
-        from recbole_cdsr.stages import prepare_lecdsr
-
-        return prepare_lecdsr(config)
 
     # -- sequence layout -----------------------------------------------------------------
     def right_align(self, seq, length):

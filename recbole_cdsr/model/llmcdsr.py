@@ -54,16 +54,12 @@ class LLMCDSR(SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.mode = config["llmcdsr_mode"]
-        if self.mode not in MODES:
-            raise ValueError(f"llmcdsr_mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        self.mode = config["llmcdsr_mode"]  # one of MODES (checked by the config schema)
         self.hidden_size = config["hidden_size"]
         self.recall_k = config["recall_k"]
         self.neg_resample_rounds = config["neg_resample_rounds"]
         self.length_buckets = config["length_buckets"]
-        if not isinstance(self.length_buckets, int) or self.length_buckets < 1:
-            raise ValueError(f"length_buckets must be an int >= 1, got {self.length_buckets!r}")
-        self.bucket_overhead = 512  # positions: the fixed cost of one more encoder pass
+        self.bucket_overhead = config["bucket_overhead"]
         self.backbone_kind = config["backbone"]
         self.backbone = build_backbone(
             self.backbone_kind, self.n_items, self.hidden_size, self.max_seq_length, config["n_layers"],
@@ -90,7 +86,8 @@ class LLMCDSR(SequentialRecommender):
             if pseudo is None or recall is None:
                 raise ValueError(
                     "LLMCDSR needs pseudo items (stage 1) and pre-trained recall tables (stage 2) "
-                    "on the dataset; run it through run_recbole_cdsr, or set llmcdsr_mode: backbone_only"
+                    "on the dataset; run it through run_recbole_cdsr (which runs recbole_cdsr.stages.llmcdsr), "
+                    "or set llmcdsr_mode: backbone_only"
                 )
             self.register_buffer("pseudo_emb", pseudo["emb"].float(), persistent=False)
             self.register_buffer("pseudo_index", pseudo["index"], persistent=False)
@@ -100,13 +97,6 @@ class LLMCDSR(SequentialRecommender):
                 self.register_buffer(f"proj_{d}", t["proj"].float(), persistent=False)
                 self.register_buffer(f"recall_emb_{d}", F.normalize(t["item_emb"].float(), dim=-1), persistent=False)
                 self.register_buffer(f"recall_ids_{d}", t["item_ids"].long(), persistent=False)
-
-    @staticmethod
-    def prepare_stages(config):
-        """Stages 1 and 2 (cached); returns config updates and a record for the results file."""
-        from recbole_cdsr.stages import prepare_llmcdsr
-
-        return prepare_llmcdsr(config)
 
     # -- sequences --------------------------------------------------------------------
     def whole_sequence(self, interaction):

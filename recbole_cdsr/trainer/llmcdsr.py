@@ -105,9 +105,7 @@ class LLMCDSRTrainer(CDSRTrainer):
         super().__init__(config, model)
         self.mode = model.mode
         self.meta_interval = config["meta_interval"]
-        self.inner_kind = config["meta_inner_optimizer"]
-        if self.inner_kind not in ("sgd", "adam", "adam_fresh"):
-            raise ValueError(f"meta_inner_optimizer must be adam, adam_fresh or sgd, got {self.inner_kind!r}")
+        self.inner_kind = config["meta_inner_optimizer"]  # adam | adam_fresh | sgd (config schema)
         self.inner_aug_input_grad = bool(config["meta_inner_aug_input_grad"])
         self.reuse_orig_grad = bool(config["meta_reuse_orig_grad"])
         self.inner_lr = config["meta_inner_lr"]

@@ -59,6 +59,8 @@ class CDSRTrainer(Trainer):
         self._deadline = None
         self.max_train_steps = config["max_train_steps"]
         self.stopped_by_budget = False
+        self.stop_reason = None  # set by fit: early_stopping | epoch_cap | budget | interrupted
+        self.epochs_done = 0
         stamp = get_local_time()
         self.run_stamp = stamp
         self.checkpoint_prefix = os.path.join(
@@ -140,7 +142,7 @@ class CDSRTrainer(Trainer):
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._setup(train_data.dataset)
-        from recbole_cdsr.model.whole_sequence import training_loss
+        from recbole_cdsr.trainer.whole_sequence import training_loss
 
         view = getattr(train_data.dataset, "train_view", "prefix")
         fused = self.config["fused_loss"] is not False
@@ -154,74 +156,21 @@ class CDSRTrainer(Trainer):
         epoch_idx = self.start_epoch - 1
         if self.time_budget_seconds is not None and self._deadline is None:
             self._deadline = time() + self.time_budget_seconds
-        for epoch_idx in range(self.start_epoch, self.epochs):
-            t0 = time()
-            loss = self._train_epoch(train_data, epoch_idx, show_progress=show_progress)
-            t1 = time()
-            self.train_epoch_times.append(t1 - t0)
-            self.train_loss_dict[epoch_idx] = sum(loss) if isinstance(loss, tuple) else loss
-            if verbose:
-                self.logger.info(self._generate_train_loss_output(epoch_idx, t0, t1, loss))
-            budget_spent = self.budget_spent()
-            if budget_spent and verbose:
-                self.logger.info(
-                    f"training budget spent (epoch {epoch_idx}, {self.steps_done} steps): "
-                    "last evaluation, then stop"
-                )
-            can_eval = self.eval_step > 0 and valid_data is not None
-            if not can_eval or ((epoch_idx + 1) % self.eval_step and not budget_spent):
-                if budget_spent:
+        self.stop_reason = "epoch_cap"
+        try:
+            for epoch_idx in range(self.start_epoch, self.epochs):
+                done, evaluated_now = self._fit_epoch(train_data, valid_data, epoch_idx, keys, best, stale, saved,
+                                                      verbose, show_progress, callback_fn)
+                evaluated = evaluated or evaluated_now
+                if done:
                     break
-                continue
-            evaluated = True
-            v0 = time()
-            result = self.evaluate(valid_data, load_best_model=False, show_progress=show_progress)
-            self.eval_times.append(time() - v0)
-            self.eval_history.append({"epoch": epoch_idx, "result": dict(result)})
-            improved = []
-            for k, key in keys.items():
-                if key not in result:
-                    raise ValueError(
-                        f"valid_metric {self.raw_valid_metric!r} gives key {key!r}, not among "
-                        f"the results ({', '.join(list(result)[:6])}, ...)"
-                    )
-                if self.freeze_stopped and stale[k] >= self.stopping_step:
-                    continue  # this domain has early-stopped: its best epoch stays
-                if result[key] > best[k]:
-                    best[k], stale[k] = result[key], 0
-                    self._keep_best(k, epoch_idx, result[key], saved)
-                    improved.append(k)
-                else:
-                    stale[k] += 1
-            if verbose:
-                msg = ", ".join(f"{key}: {result[key]:.4f}" for key in keys.values())
-                self.logger.info(
-                    set_color(f"epoch {epoch_idx} evaluating", "green")
-                    + f" [time: {self.eval_times[-1]:.2f}s, {msg}]"
-                    + (f" best updated for {', '.join(improved)}" if improved else "")
-                )
-                self.logger.info(set_color("valid result", "blue") + f": {_fmt(result)}")
-            if self.report is not None:
-                done = epoch_idx + 1 - self.start_epoch
-                per = (sum(self.train_epoch_times) + sum(self.eval_times)) / max(done, 1)
-                left = max(self.epochs - epoch_idx - 1, 0) * per
-                self.report(
-                    f"epoch {epoch_idx + 1}/{self.epochs}: train {self.train_epoch_times[-1]:.1f} s, valid "
-                    + ", ".join(f"{key} {result[key]:.4f}" for key in keys.values())
-                    + (f" (best: {', '.join(improved)})" if improved else "")
-                    + f"; at most {left / 60:.1f} min to go"
-                )
-            if callback_fn:
-                callback_fn(epoch_idx, sum(result[key] for key in keys.values()) / len(keys))
-            if budget_spent:
-                break
-            if all(s >= self.stopping_step for s in stale.values()):
-                if verbose:
-                    self.logger.info(
-                        f"Finished training, no improvement for {self.stopping_step} evaluations "
-                        f"(best epochs: { {k: v['epoch'] for k, v in self.best_states.items()} })"
-                    )
-                break
+        except KeyboardInterrupt:
+            self.stop_reason = "interrupted"
+            self.logger.warning(
+                f"interrupted in epoch {epoch_idx + 1}: training stops here; the test split is ranked with "
+                "the best epochs so far and the results file says the run was interrupted (Ctrl-C again to abort)"
+            )
+        self.epochs_done = epoch_idx + 1 - self.start_epoch
         if not evaluated:
             # No validation happened: the final weights stand for every selection key.
             for k in keys:
@@ -230,6 +179,71 @@ class CDSRTrainer(Trainer):
         self.best_valid_score = sum(best.values()) / len(best)
         self.best_valid_result = self._combined_result(valid_data, "valid")
         return self.best_valid_score, self.best_valid_result
+
+    def _fit_epoch(self, train_data, valid_data, epoch_idx, keys, best, stale, saved, verbose, show_progress,
+                   callback_fn):
+        """One epoch of training and (when due) validation; returns ``(stop, evaluated)`` and
+        sets ``stop_reason`` when it stops."""
+        t0 = time()
+        loss = self._train_epoch(train_data, epoch_idx, show_progress=show_progress)
+        t1 = time()
+        self.train_epoch_times.append(t1 - t0)
+        self.train_loss_dict[epoch_idx] = sum(loss) if isinstance(loss, tuple) else loss
+        if verbose:
+            self.logger.info(self._generate_train_loss_output(epoch_idx, t0, t1, loss))
+        budget_spent = self.budget_spent()
+        if budget_spent:
+            self.stop_reason = "budget"
+            if verbose:
+                self.logger.info(f"training budget spent (epoch {epoch_idx}, {self.steps_done} steps): "
+                                 "last evaluation, then stop")
+        if self.eval_step <= 0 or valid_data is None or ((epoch_idx + 1) % self.eval_step and not budget_spent):
+            return budget_spent, False
+        v0 = time()
+        result = self.evaluate(valid_data, load_best_model=False, show_progress=show_progress)
+        self.eval_times.append(time() - v0)
+        self.eval_history.append({"epoch": epoch_idx, "result": dict(result)})
+        improved = []
+        for k, key in keys.items():
+            if key not in result:
+                raise ValueError(
+                    f"valid_metric {self.raw_valid_metric!r} gives key {key!r}, not among "
+                    f"the results ({', '.join(list(result)[:6])}, ...)"
+                )
+            if self.freeze_stopped and stale[k] >= self.stopping_step:
+                continue  # this domain has early-stopped: its best epoch stays
+            if result[key] > best[k]:
+                best[k], stale[k] = result[key], 0
+                self._keep_best(k, epoch_idx, result[key], saved)
+                improved.append(k)
+            else:
+                stale[k] += 1
+        stopped = all(v >= self.stopping_step for v in stale.values())
+        done = epoch_idx + 1 - self.start_epoch
+        per = (sum(self.train_epoch_times) + sum(self.eval_times)) / max(done, 1)
+        left = max(self.epochs - epoch_idx - 1, 0) * per
+        line = (f"epoch {epoch_idx + 1}/{self.epochs}: train {self.train_epoch_times[-1]:.1f} s, valid "
+                + ", ".join(f"{key} {result[key]:.4f}" for key in keys.values())
+                + (f" (best: {', '.join(improved)})" if improved else "")
+                + f"; at most {left / 60:.1f} min to go")
+        if verbose:
+            self.logger.info(set_color("valid", "green") + f" {line} (early stopping: patience {self.stopping_step}"
+                             f" evaluations) [eval {self.eval_times[-1]:.2f} s]")
+            self.logger.info(set_color("valid result", "blue") + f": {_fmt(result)}")
+        if self.report is not None:
+            self.report(line)
+        if callback_fn:
+            callback_fn(epoch_idx, sum(result[key] for key in keys.values()) / len(keys))
+        if budget_spent:
+            return True, True
+        if stopped:
+            self.stop_reason = "early_stopping"
+            if verbose:
+                self.logger.info(
+                    f"Finished training, no improvement for {self.stopping_step} evaluations "
+                    f"(best epochs: { {k: v['epoch'] for k, v in self.best_states.items()} })"
+                )
+        return stopped, True
 
     def _keep_best(self, key, epoch, score, saved):
         state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}

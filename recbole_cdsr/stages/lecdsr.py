@@ -1,4 +1,7 @@
-"""User profiles (LeCDSR): a short interest profile per user, written by an LLM, embedded.
+"""LeCDSR's stages, run before the model trains: item text vectors and user profiles (a
+short interest profile per user, written by an LLM, embedded). :func:`prepare` returns the
+config keys naming the cached tables (``item_text_table``, ``user_profiles``, loaded by the
+dataset) and a record for the results file.
 
 Which items a user's profile is built from (never an evaluation target):
 
@@ -24,26 +27,25 @@ Sources (``profile_generator``):
     the results file.
 
 Each profile is cut to ``profile_max_chars`` characters (the paper keeps 5,000) and
-embedded with the text encoder; ``<dataset>.profiles-<tag>.npz`` (``users``, ``emb``) and a
-``.json`` manifest record what they were built from.
+embedded with the text encoder into ``<dataset>.profiles-<tag>.npz`` (``users``, ``emb``), a
+cached artefact (:mod:`recbole_cdsr.cache`) whose manifest records what it was built from.
 """
 
 import hashlib
-import io
 import json
 import logging
 import os
 
 import numpy as np
 
-from recbole_cdsr.llm.stage1 import read_rows
-from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_file
+from recbole_cdsr.cache import Artefact
+from recbole_cdsr.data.atomic import read_rows
+from recbole_cdsr.utils import sha256_file
 
 logger = logging.getLogger(__name__)
 
 PROFILE_PROMPT_VERSION = "lecdsr-profile-v1"
-PROFILE_FORMAT_VERSION = 1
-PROFILE_GENERATORS = ("titles", "hf", "openai")
+PROFILE_FORMAT_VERSION = 2  # 2: the shared artefact manifest
 SYSTEM_PROMPT = (
     "You are an expert in recommender systems. From a user's interaction record you write a "
     "profile of the user's interests that is short, precise and well organised."
@@ -116,9 +118,7 @@ def build_profiles(config, dataset_dir, name, encoder, items, backend_factory=No
     """Write (or reuse) the profile table; returns ``(npz path, record)``."""
     from recbole_cdsr.llm.generation import GenerationJob
 
-    gen = config["profile_generator"]
-    if gen not in PROFILE_GENERATORS:
-        raise ProfileError(f"profile_generator must be one of {', '.join(PROFILE_GENERATORS)}, got {gen!r}")
+    gen = config["profile_generator"]  # titles | hf | openai (config schema)
     max_chars = int(config["profile_max_chars"])
     reqs = profile_requests(profile_items(dataset_dir, name), items, domain_labels(dataset_dir, name))
     if gen == "titles":
@@ -132,10 +132,9 @@ def build_profiles(config, dataset_dir, name, encoder, items, backend_factory=No
         failed = []
     else:
         backend = backend_factory(config)
-        job = GenerationJob(dataset_dir, name, backend, parser="text",
+        job = GenerationJob(dataset_dir, name, backend, PROFILE_PROMPT_VERSION, parser="text",
                             settings={"seed": config["generation_seed"]}, batch_size=config["llm_batch_size"],
-                            show_progress=show_progress, prompt_version=PROFILE_PROMPT_VERSION, kind="profile",
-                            desc="LLM user profiles")
+                            show_progress=show_progress, kind="profile", desc="LeCDSR: LLM user profiles")
         records = job.run(reqs)
         failed = sorted(u for u, r in records.items() if r["status"] != "ok")
         if failed:
@@ -148,84 +147,52 @@ def build_profiles(config, dataset_dir, name, encoder, items, backend_factory=No
     users = sorted(texts)
     cut = [texts[u][:max_chars] for u in users]
     text_sha = hashlib.sha256(json.dumps(list(zip(users, cut))).encode()).hexdigest()
-    ident = {"format_version": PROFILE_FORMAT_VERSION, "texts_sha256": text_sha, "encoder": encoder.identity(),
-             "max_chars": max_chars, "source": source}
-    tag = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = os.path.join(dataset_dir, f"{name}.profiles-{tag}.npz")
-    man = path[:-4] + ".json"
-    if os.path.isfile(path) and os.path.isfile(man):
-        with open(man) as f:
-            m = json.load(f)
-        if m.get("npz_sha256") == sha256_file(path):
-            return path, m
-    emb = encode_in_parts(encoder, cut, path[:-4] + ".parts", what="user profiles")
-    buf = io.BytesIO()
-    np.savez(buf, users=np.asarray(users, dtype=str), emb=emb.astype(np.float32))
-    atomic_write_bytes(path, buf.getvalue())
-    record = dict(ident, users=len(users), npz_sha256=sha256_file(path),
-                  mean_chars=float(np.mean([len(t) for t in cut])) if cut else 0.0)
-    atomic_write_json(man, record)
-    return path, record
+    art = Artefact(dataset_dir, f"{name}.profiles", {
+        "format_version": PROFILE_FORMAT_VERSION, "texts_sha256": text_sha, "encoder": encoder.identity(),
+        "max_chars": max_chars, "source": source})
+    m = art.cached("user profile vectors")
+    if m is None:
+        from recbole_cdsr.llm.encoders import encode_in_parts
 
-
-PART_SIZE = 4096  # texts per cached part of a long encoding job
-
-
-def encode_in_parts(encoder, texts, parts_dir, what="texts", part_size=None):
-    """``encoder.encode(texts)``, done in parts of ``PART_SIZE`` texts, each saved (atomically)
-    under ``parts_dir`` as soon as it is done, so that an interrupted job (the 53k Food-Kitchen
-    profiles take over half an hour on a 2-core CPU) resumes where it stopped. ``parts_dir``
-    must be specific to the texts and the encoder (the caller's content tag); it is removed
-    once the whole table is returned. A part with the wrong shape is encoded again."""
-    import time
-
-    if not texts:
-        return np.asarray(encoder.encode(texts), dtype=np.float32)
-    size = int(part_size or PART_SIZE)
-    n_parts = max((len(texts) + size - 1) // size, 1)
-    os.makedirs(parts_dir, exist_ok=True)
-    out, started, done_now = [], time.time(), 0
-    for k in range(n_parts):
-        chunk = texts[k * size:(k + 1) * size]
-        part = os.path.join(parts_dir, f"part-{k:05d}-of-{n_parts:05d}.npy")
-        emb = None
-        if os.path.isfile(part):
-            try:
-                emb = np.load(part, allow_pickle=False)
-            except (OSError, ValueError):
-                emb = None
-            if emb is not None and emb.shape[0] != len(chunk):
-                emb = None
-        if emb is None:
-            emb = np.asarray(encoder.encode(chunk), dtype=np.float32)
-            buf = io.BytesIO()
-            np.save(buf, emb, allow_pickle=False)
-            atomic_write_bytes(part, buf.getvalue())
-            done_now += 1
-            eta = (time.time() - started) / done_now * (n_parts - k - 1)
-            logger.info(f"embedded {what}: part {k + 1}/{n_parts} ({min((k + 1) * size, len(texts))} of "
-                        f"{len(texts)}), about {eta / 60:.1f} min left")
-        out.append(emb)
-    table = np.concatenate(out)
-    for f in os.listdir(parts_dir):
-        os.remove(os.path.join(parts_dir, f))
-    os.rmdir(parts_dir)
-    return table
+        emb = encode_in_parts(encoder, cut, art.path[:-4] + ".parts", what="LeCDSR user profiles")
+        m = art.write_arrays({"users": np.asarray(users, dtype=str), "emb": emb.astype(np.float32)},
+                             users=len(users), mean_chars=float(np.mean([len(t) for t in cut])) if cut else 0.0)
+    return art.path, dict(m["identity"], users=m["users"], mean_chars=m["mean_chars"])
 
 
 def write_item_text_table(dataset_dir, name, tokens, emb, encoder):
-    """``<dataset>.itemtext-<tag>.npz`` (``item_tokens``, ``emb``) for the dataset to load."""
-    ident = {"format_version": PROFILE_FORMAT_VERSION, "encoder": encoder.identity(),
-             "item_file_sha256": sha256_file(os.path.join(dataset_dir, f"{name}.item"))}
-    tag = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = os.path.join(dataset_dir, f"{name}.itemtext-{tag}.npz")
-    man = path[:-4] + ".json"
-    if os.path.isfile(path) and os.path.isfile(man):
-        with open(man) as f:
-            if json.load(f).get("npz_sha256") == sha256_file(path):
-                return path, ident
-    buf = io.BytesIO()
-    np.savez(buf, item_tokens=np.asarray(tokens, dtype=str), emb=np.asarray(emb, dtype=np.float32))
-    atomic_write_bytes(path, buf.getvalue())
-    atomic_write_json(man, dict(ident, items=int(len(tokens)), npz_sha256=sha256_file(path)))
-    return path, ident
+    """``<dataset>.itemtext-<tag>.npz`` (``item_tokens``, ``emb``) for the dataset to load;
+    returns ``(path, identity)``."""
+    art = Artefact(dataset_dir, f"{name}.itemtext", {
+        "format_version": PROFILE_FORMAT_VERSION, "encoder": encoder.identity(),
+        "item_file_sha256": sha256_file(os.path.join(dataset_dir, f"{name}.item"))})
+    if not art.cached("item text table"):
+        art.write_arrays({"item_tokens": np.asarray(tokens, dtype=str), "emb": np.asarray(emb, dtype=np.float32)},
+                         items=int(len(tokens)))
+    return art.path, art.identity
+
+
+def prepare(config):
+    """Item text vectors and user profile vectors for LeCDSR; returns (updates, record)."""
+    from recbole_cdsr.data.atomic import read_item_titles
+    from recbole_cdsr.llm.encoders import TextEncoder, item_text_embeddings
+    from recbole_cdsr.stages.backend import make_backend
+
+    use_text, use_prof = config["lecdsr_use_item_text"], config["lecdsr_use_profiles"]
+    if not use_text and not use_prof:
+        return {}, {"stages": "skipped (no item semantics, no profiles)"}
+    name, d = config["dataset"], config["data_path"]
+    encoder = TextEncoder(config["text_encoder"], device=str(config["device"]))
+    items = read_item_titles(os.path.join(d, f"{name}.item"))
+    record = {"text_encoder": encoder.identity()}
+    updates = {}
+    if use_text:
+        tokens, _, emb = item_text_embeddings(d, name, encoder, items=items, stage="LeCDSR: ")
+        updates["item_text_table"], record["item_text"] = write_item_text_table(d, name, tokens, emb, encoder)
+    if use_prof:
+        path, rec = build_profiles(config, d, name, encoder, items,
+                                   backend_factory=lambda c: make_backend(c, c["profile_generator"]),
+                                   show_progress=config["show_progress"])
+        updates["user_profiles"] = path
+        record["profiles"] = {k: v for k, v in rec.items() if k != "encoder"}
+    return updates, record

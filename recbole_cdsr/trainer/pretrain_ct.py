@@ -1,4 +1,6 @@
-"""Stage 2 of LLMCDSR: collaborative-textual contrastive pre-training, once per domain.
+"""Stage 2 of LLMCDSR: collaborative-textual contrastive pre-training of one domain (its
+network and training loop; :func:`recbole_cdsr.stages.llmcdsr.pretrain_tables` runs it per
+domain and caches the outputs).
 
 For domain D: a SASRec encoder trained only on D-sequences (single-domain D users plus the
 D-only subsequence of every overlapped training user; the last item of each sequence is
@@ -11,17 +13,12 @@ held out for validation), and a projection ``W_D = Linear(d_text -> hidden, no b
 The encoder is the backbone LLMCDSR trains with (``backbone``: ``public``, the public
 code's SASRec, or ``recbole``); the projection is xavier-normal initialised, Adam has betas
 (0.9, 0.98), as in the public pre-training script. Early stopping on validation HR@10
-(full ranking over D, pessimistic ties). Outputs, per
-domain, written next to the dataset with a manifest: ``E_D`` (collaborative item embeddings,
+(full ranking over D, pessimistic ties). Outputs: ``E_D`` (collaborative item embeddings,
 rows in the ``.item`` order of D's items, padding dropped) and ``W_D`` (``proj`` [hidden,
 d_text]). They map the text space of stage 1 into each domain's collaborative space.
 """
 
-import hashlib
-import io
-import json
 import logging
-import os
 import time
 
 import numpy as np
@@ -30,31 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_cdsr.model.layers import bucketed_bce, build_backbone, plan_length_buckets
-from recbole_cdsr.utils import atomic_write_bytes, atomic_write_json, sha256_file
 
 logger = logging.getLogger(__name__)
-
-PRETRAIN_FORMAT_VERSION = 6  # 2: vectorised negatives; 3: FastDropout; 4: padding columns dropped (random streams differ); F.gelu is the same function; 5: length buckets, fused Adam (random streams differ); 6: the public code's NT-Xent, backbone, init, betas, validation users
-
-DEFAULTS = {
-    "backbone": "public",
-    "hidden_size": 64,
-    "n_layers": 2,
-    "n_heads": 1,
-    "inner_size": 256,
-    "dropout": 0.5,
-    "max_len": 50,
-    "learning_rate": 1e-3,
-    "batch_size": 128,
-    "epochs": 200,
-    "patience": 10,
-    "infonce_weight": 0.1,
-    "tau": 1.0,
-    "adam_betas": [0.9, 0.98],
-    "seed": 2020,
-}
-LENGTH_BUCKETS = 3  # rows of a batch run in up to this many groups of similar length (exact, see losses)
-BUCKET_OVERHEAD = 512  # positions: the fixed cost of one more encoder pass
 
 
 def nt_xent(a, b, tau=1.0):
@@ -104,17 +78,19 @@ class CollabTextPretrainer(nn.Module):
         nn.init.xavier_normal_(self.proj.weight)
         self.tau = hp["tau"]
         self.w = hp["infonce_weight"]
+        self.length_buckets = hp["length_buckets"]
+        self.bucket_overhead = hp["bucket_overhead"]
 
-    def losses(self, inp, pos, neg, text, buckets=LENGTH_BUCKETS):
+    def losses(self, inp, pos, neg, text):
         """``(bce, infonce)`` of a batch of left-aligned rows ``inp``/``pos``/``neg`` [B, L].
 
-        The rows run in up to ``buckets`` groups of similar length, each trimmed to its own
+        The rows run in up to ``length_buckets`` groups of similar length, each trimmed to its own
         longest row (:func:`plan_length_buckets`): rows never interact in the causal encoder,
         so the losses are those of the whole batch (a Kitchen batch holds 7 real inputs per
         row on average and up to 50). One embedding lookup serves every group."""
         lens = (inp > 0).sum(1)
-        if buckets > 1:
-            groups = plan_length_buckets(lens, buckets, BUCKET_OVERHEAD)
+        if self.length_buckets > 1:
+            groups = plan_length_buckets(lens, self.length_buckets, self.bucket_overhead)
         else:
             groups = [(None, max(int(lens.max()), 1))]
         emb = self.enc.item_embedding
@@ -153,12 +129,13 @@ class CollabTextPretrainer(nn.Module):
         return hits / max(len(hist), 1)
 
 
-def pretrain_domain(seqs, text, hp=None, device="cpu", log=None):
-    """Train on ``seqs`` (lists of local ids 1..n); ``text`` float [n + 1, d] (row 0 padding).
+def pretrain_domain(seqs, text, hp, device="cpu", stage="stage 2"):
+    """Train on ``seqs`` (lists of local ids 1..n); ``text`` float [n + 1, d] (row 0 padding);
+    ``hp``: every key of :func:`recbole_cdsr.stages.llmcdsr.pretrain_hyper_parameters`. Logs
+    one line per epoch, prefixed with ``stage``, with the time left at most.
 
     Returns a dict with ``item_emb`` [n, H] (padding dropped), ``proj`` [H, d_text],
     ``best_epoch``, ``valid_hit@10``, ``epoch_seconds``."""
-    hp = dict(DEFAULTS, **(hp or {}))
     torch.manual_seed(hp["seed"])
     rng = np.random.default_rng(hp["seed"])
     n = text.shape[0]
@@ -197,10 +174,13 @@ def pretrain_domain(seqs, text, hp=None, device="cpu", log=None):
             opt.zero_grad()
             loss.backward()
             opt.step()
-        times.append(time.time() - t0)
+        times.append(time.time() - t0)  # training only, as recorded
         hit = model.hit_at_10(val_hist, val_tgt)
-        if log:
-            log(f"pre-train epoch {epoch}: bce {bce.item():.4f} infonce {nce.item():.4f} valid hit@10 {hit:.4f}")
+        took = time.time() - t0
+        left = min(hp["epochs"] - epoch - 1, hp["patience"] - (0 if hit > best else stale + 1))
+        logger.info(f"{stage}: epoch {epoch + 1}/{hp['epochs']}: bce {bce.item():.4f} infonce {nce.item():.4f} "
+                    f"valid hit@10 {hit:.4f} ({took:.1f} s; at most {max(left, 0) * took / 60:.1f} min left: "
+                    f"early stopping, patience {hp['patience']})")
         if hit > best:
             best, best_epoch, stale = hit, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -217,51 +197,3 @@ def pretrain_domain(seqs, text, hp=None, device="cpu", log=None):
         "epoch_seconds": times,
         "hyper_parameters": hp,
     }
-
-
-def pretrain_dataset(dataset_dir, name, encoder, train_seqs, item_tokens, item_domains, text_emb,
-                     hp=None, device="cpu", log=None):
-    """Stage 2 for both domains of a dataset, cached: skipped when the manifest matches.
-
-    ``item_tokens``/``item_domains``/``text_emb`` in ``.item`` order; ``train_seqs``: lists of
-    item tokens of every training user (history then last item).
-    Returns ``{domain: {"item_emb", "proj", "item_tokens"}}``."""
-    hp = dict(DEFAULTS, **(hp or {}))
-    hp["adam_betas"] = [float(b) for b in hp["adam_betas"]]  # as it reads back from the manifest
-    seq_digest = hashlib.sha256("\n".join(" ".join(s) for s in train_seqs).encode()).hexdigest()
-    ident = {
-        "format_version": PRETRAIN_FORMAT_VERSION,
-        "encoder": encoder.identity(),
-        "item_file_sha256": sha256_file(os.path.join(dataset_dir, f"{name}.item")),
-        "train_sequences_sha256": seq_digest,
-        "hyper_parameters": hp,
-    }
-    tag = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-    item_domain = dict(zip(item_tokens, item_domains))
-    out = {}
-    for dom in sorted(set(item_domains)):
-        base = os.path.join(dataset_dir, f"{name}.pretrain-{dom}-{tag}")
-        npz, man = base + ".npz", base + ".json"
-        rows = np.nonzero(np.asarray(item_domains) == dom)[0]
-        toks = np.asarray(item_tokens)[rows]
-        if os.path.isfile(npz) and os.path.isfile(man):
-            with open(man) as f:
-                m = json.load(f)
-            if m.get("identity") == ident and m.get("npz_sha256") == sha256_file(npz):
-                with np.load(npz, allow_pickle=False) as z:
-                    out[dom] = {"item_emb": z["item_emb"], "proj": z["proj"], "item_tokens": toks, "path": npz}
-                continue
-        index = {t: i + 1 for i, t in enumerate(toks)}
-        seqs = domain_sequences(train_seqs, item_domain, index, dom)
-        text = np.concatenate([np.zeros((1, text_emb.shape[1]), np.float32), text_emb[rows]])
-        res = pretrain_domain(seqs, text, hp, device, log)
-        buf = io.BytesIO()
-        np.savez(buf, item_emb=res["item_emb"], proj=res["proj"], item_tokens=toks.astype(str))
-        atomic_write_bytes(npz, buf.getvalue())
-        atomic_write_json(man, {
-            "identity": ident, "domain": dom, "sequences": len(seqs), "best_epoch": res["best_epoch"],
-            "valid_hit@10": res["valid_hit@10"], "epoch_seconds": res["epoch_seconds"],
-            "npz_sha256": sha256_file(npz),
-        })
-        out[dom] = {"item_emb": res["item_emb"], "proj": res["proj"], "item_tokens": toks, "path": npz}
-    return out
