@@ -92,3 +92,19 @@ def test_missing_dataset_names_what_to_do(tmp_path, monkeypatch):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         CDSRConfig("SASRec", "food-kitchen", config_file_list=[str(tmp_path / "nope.yaml")])
+
+
+def test_short_config_print_lists_only_what_differs_and_use_gpu_says_what_is_used(tmp_path):
+    cfg = CDSRConfig("SASRec", "food-kitchen", config_dict=base_config(str(tmp_path), epochs=7, hidden_size=64),
+                     cmd_args=["--learning_rate=0.01"])
+    text = cfg.summary()
+    lines = text.splitlines()
+    assert lines[0].startswith("model SASRec, dataset food-kitchen, device cpu, seed ")
+    changed = [ln.strip() for ln in lines if ln.startswith("  ")]
+    # hidden_size 64 is SASRec's default: not a difference; show_progress/state/paths are
+    assert "epochs = 7" in changed and "learning_rate = 0.01" in changed
+    assert not any(ln.startswith("hidden_size") for ln in changed)
+    assert len(lines) < 15 and "--show_config=True" in lines[-1]
+    on_gpu = CDSRConfig("SASRec", "food-kitchen", config_dict=dict(base_config(str(tmp_path)), use_gpu=True))
+    assert on_gpu["use_gpu"] is torch.cuda.is_available()  # what is used, not what was asked for
+    assert str(on_gpu["device"]).startswith("cuda") is torch.cuda.is_available()

@@ -175,3 +175,41 @@ def test_load_data_and_model_from_checkpoint(tmp_path, slice_data):
     config, model, ds, train, valid, test = load_data_and_model(ckpt)
     res = CDSRTrainer(config, model).evaluate(test, load_best_model=False)
     assert res == out["test_result"]
+
+
+def test_results_say_why_training_stopped(tmp_path, slice_data, monkeypatch):
+    """epoch cap, early stopping, and an interruption (Ctrl-C during the second epoch's
+    validation report): the interrupted run still ranks the test split with its best epoch
+    and writes a results file that says so."""
+    capped = _short(str(tmp_path / "cap"), slice_data, 1, epochs=2)["results"]["timing"]
+    assert (capped["stop_reason"], capped["epochs_trained"]) == ("epoch_cap", 2)
+
+    from recbole_cdsr.trainer.trainer import CDSRTrainer
+
+    real = CDSRTrainer.evaluate
+
+    def flat(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        result = real(self, eval_data, load_best_model, model_file, show_progress)
+        if not load_best_model and model_file is None:  # validation never improves after epoch 1
+            result = dict(result, **{"A/hit@10": 0.5, "B/hit@10": 0.5})
+        return result
+
+    monkeypatch.setattr(CDSRTrainer, "evaluate", flat)
+    early = _short(str(tmp_path / "early"), slice_data, 1, epochs=20, stopping_step=2)["results"]["timing"]
+    assert (early["stop_reason"], early["epochs_trained"]) == ("early_stopping", 3)
+    monkeypatch.setattr(CDSRTrainer, "evaluate", real)
+
+    said = []
+
+    def interrupt(line):
+        said.append(line)
+        if len(said) == 2:
+            raise KeyboardInterrupt
+
+    cfg = base_config(str(tmp_path / "int"), data_path=slice_data, epochs=5, steps_per_epoch=4,
+                      train_batch_size=32, eval_neg_num=50, seed=1)
+    out = run("SASRec", "fk-slice", config_dict=cfg, saved=True, verbose=False, report=interrupt)
+    res = json.loads(open(out["results_file"]).read())
+    assert (res["timing"]["stop_reason"], res["timing"]["epochs_trained"]) == ("interrupted", 2)
+    assert len(res["valid_history"]) == 2 and res["test"]["full"]["A/hit@10"] == out["test_result"]["full:A/hit@10"]
+    assert set(res["selection"]["best_epochs"]) == {"A", "B"}
