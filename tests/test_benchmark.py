@@ -13,10 +13,10 @@ import yaml
 
 from dataset_converters import write_synthetic_cdsr
 from recbole_cdsr.benchmark.leaderboard import METRICS
-from recbole_cdsr.benchmark.runner import (
-    Progress, ResultsStore, execute_run, plan_runs, prepare_datasets, run_benchmark, run_local,
-)
+from recbole_cdsr.benchmark.plan import plan_runs, prepare_datasets
+from recbole_cdsr.benchmark.runner import Progress, execute_run, run_benchmark, run_local
 from recbole_cdsr.benchmark.spec import BenchmarkError, load_benchmark
+from recbole_cdsr.benchmark.store import ResultsStore
 
 TINY = {  # small enough for seconds per run, big enough to learn something
     "eval_neg_num": 20,
@@ -541,7 +541,7 @@ def test_readme_leaderboard_is_the_committed_run_of_the_committed_benchmark_file
     from recbole_cdsr.benchmark.leaderboard import (
         code_versions, readme_block, readme_markers, select_lines, summarize, to_markdown,
     )
-    from recbole_cdsr.benchmark.runner import calibrate_budgets
+    from recbole_cdsr.benchmark.plan import calibrate_budgets
 
     path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "food-kitchen.yaml")
     spec = load_benchmark(path)
