@@ -359,7 +359,7 @@ def test_config_hash_follows_config_and_data(tmp_path, syn_data):
     "change, message",
     [
         ({"models": ["SASRec", "SASRek"]}, "unknown model 'SASRek'"),
-        ({"budget": {"epochs": "ten"}}, "key 'budget.epochs' must be a positive integer"),
+        ({"budget": {"epochs": "ten"}}, "key 'budget.epochs' must be int"),
         ({"budget": None}, "key 'budget' is missing"),
         ({"seeds": []}, "key 'seeds' must be a non-empty list of integers"),
         ({"protocols": ["sampled", "uni100"]}, "key 'protocols' must list protocols"),
