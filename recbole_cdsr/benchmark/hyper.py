@@ -7,9 +7,9 @@ ranked (``evaluate_test=False``); the objective is the trainer's best validation
 (with per-domain selection: the mean of the domains' best ``valid_metric``).
 
 A search's result is cached in ``<output_dir>/hyper/<dataset>-<name>.json`` with what it was
-built from (space file hash, base config, budget, algorithm, evaluations, seed, data
-fingerprint) and every trial's validation result; the benchmark then runs the model with
-the best parameters. hyperopt's own randomness is seeded (``HYPEROPT_FMIN_SEED``), so the
+built from (space file hash, base config with its budget, config files, algorithm,
+evaluations, early stop, seed, data fingerprint) and every trial's validation result; the
+benchmark then runs the model with the best parameters. hyperopt's own randomness is seeded (``HYPEROPT_FMIN_SEED``), so the
 same inputs give the same trials.
 
 Space files are read here (:func:`read_space_file`), not by RecBole, whose reader
