@@ -170,6 +170,8 @@ RANGES = {
 
 SUPPORTED_METRICS = ("hit", "ndcg", "mrr")
 PROTOCOLS = ("sampled", "full")
+#: key -> (what the items are, their allowed values): a non-empty list of them, or one as a string
+LIST_VALUES = {"eval_protocol": ("protocols", PROTOCOLS)}
 
 
 class ConfigError(ValueError):
@@ -247,6 +249,11 @@ def check_value(key, value):
             return f"must be {names}, got {value!r} ({type(value).__name__})"
         if allowed is not None and value not in allowed:
             return f"must be one of {', '.join(str(a) for a in allowed)}, got {value!r}"
+    if key in LIST_VALUES:
+        what, items = LIST_VALUES[key]
+        listed = [value] if isinstance(value, str) else list(value)
+        if not listed or any(v not in items for v in listed):
+            return f"must list {what} from {', '.join(items)}, got {value!r}"
     rng = RANGES.get(key)
     if rng is None or value is None:
         return None
@@ -457,14 +464,8 @@ class CDSRConfig(Config):
                     raise ConfigError(f"config key {key!r} {msg}")
         inner = self.internal_config_dict
         self.unknown_keys = warn_unknown_keys(sorted(k for k in self.external_config_dict if k not in inner))
-        protos = d.get("eval_protocol")
-        protos = [protos] if isinstance(protos, str) else list(protos or [])
-        if not protos or any(p not in PROTOCOLS for p in protos):
-            raise ConfigError(
-                f"config key 'eval_protocol' must list protocols from {', '.join(PROTOCOLS)}, "
-                f"got {d.get('eval_protocol')!r}"
-            )
-        d["eval_protocol"] = protos
+        protos = d["eval_protocol"]  # checked above (check_value), always set (overall.yaml)
+        d["eval_protocol"] = [protos] if isinstance(protos, str) else list(protos)
         metrics = d.get("metrics")
         metrics = [metrics] if isinstance(metrics, str) else list(metrics)
         bad = [m for m in metrics if str(m).lower() not in SUPPORTED_METRICS]

@@ -110,7 +110,7 @@ def tune_cpu_allocator():
 def code_fingerprint():
     """sha256 (first 12 hex digits) over the plugin's source files and YAML defaults: which
     code a result came from. Recorded in every benchmark line and calibration entry; it is
-    not part of a run's config hash (see ``benchmark/runner.py``)."""
+    not part of a run's config hash (see ``benchmark/plan.py``)."""
     import hashlib
 
     h = hashlib.sha256()

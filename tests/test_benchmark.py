@@ -13,10 +13,10 @@ import yaml
 
 from dataset_converters import write_synthetic_cdsr
 from recbole_cdsr.benchmark.leaderboard import METRICS
-from recbole_cdsr.benchmark.runner import (
-    Progress, ResultsStore, execute_run, plan_runs, prepare_datasets, run_benchmark, run_local,
-)
+from recbole_cdsr.benchmark.plan import plan_runs, prepare_datasets
+from recbole_cdsr.benchmark.runner import Progress, execute_run, run_benchmark, run_local
 from recbole_cdsr.benchmark.spec import BenchmarkError, load_benchmark
+from recbole_cdsr.benchmark.store import ResultsStore
 
 TINY = {  # small enough for seconds per run, big enough to learn something
     "eval_neg_num": 20,
@@ -365,7 +365,7 @@ def test_config_hash_follows_config_and_data(tmp_path, syn_data):
     "change, message",
     [
         ({"models": ["SASRec", "SASRek"]}, "unknown model 'SASRek'"),
-        ({"budget": {"epochs": "ten"}}, "key 'budget.epochs' must be a positive integer"),
+        ({"budget": {"epochs": "ten"}}, "key 'budget.epochs' must be int"),
         ({"budget": None}, "key 'budget' is missing"),
         ({"seeds": []}, "key 'seeds' must be a non-empty list of integers"),
         ({"protocols": ["sampled", "uni100"]}, "key 'protocols' must list protocols"),
@@ -542,14 +542,15 @@ def test_committed_food_kitchen_benchmark_file():
 
 def test_readme_leaderboard_is_the_committed_run_of_the_committed_benchmark_file(fk_data):
     """Every planned run of benchmarks/food-kitchen.yaml is finished in the committed
-    results.jsonl, from one code version, and the committed leaderboard and the README's
-    tables are what those lines give (recomputed here, nothing written)."""
+    results.jsonl, from one code version, and the committed leaderboard and the tables of its
+    readme (benchmarks/results/food-kitchen/README.md) are what those lines give (recomputed
+    here, nothing written)."""
     import os
 
     from recbole_cdsr.benchmark.leaderboard import (
         code_versions, readme_block, readme_markers, select_lines, summarize, to_markdown,
     )
-    from recbole_cdsr.benchmark.runner import calibrate_budgets
+    from recbole_cdsr.benchmark.plan import calibrate_budgets
 
     path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "food-kitchen.yaml")
     spec = load_benchmark(path)
@@ -568,9 +569,9 @@ def test_readme_leaderboard_is_the_committed_run_of_the_committed_benchmark_file
     base = os.path.join(spec.output_dir, "leaderboard-food-kitchen")
     with open(base + ".md", encoding="utf-8") as f:
         assert f.read() == to_markdown(spec, "food-kitchen", rows, missing.get("food-kitchen"), code)
-    assert spec.readme == os.path.abspath(os.path.join(os.path.dirname(path), os.pardir, "README.md"))
+    assert spec.readme == os.path.join(spec.output_dir, "README.md")
     link = os.path.relpath(base + ".md", os.path.dirname(spec.readme)).replace(os.sep, "/")
-    assert link == "benchmarks/results/food-kitchen/leaderboard-food-kitchen.md"
+    assert link == "leaderboard-food-kitchen.md"
     start, end = readme_markers("food-kitchen")
     with open(spec.readme, encoding="utf-8") as f:
         readme = f.read()

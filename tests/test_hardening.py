@@ -22,10 +22,10 @@ import run_recbole_cdsr
 from dataset_converters import ConversionError, convert_llmcdsr_release, write_synthetic_cdsr
 from dataset_converters.llmcdsr_release import main as convert_main
 from recbole_cdsr.benchmark.hyper import read_space_file
-from recbole_cdsr.benchmark.runner import (
-    OutputLock, dataset_fingerprint, plan_runs, prepare_datasets, run_benchmark,
-)
+from recbole_cdsr.benchmark.plan import dataset_fingerprint, plan_runs, prepare_datasets
+from recbole_cdsr.benchmark.runner import run_benchmark
 from recbole_cdsr.benchmark.spec import BenchmarkError, load_benchmark
+from recbole_cdsr.benchmark.store import OutputLock
 from recbole_cdsr.config import CDSRConfig, ConfigError, literal_value
 from recbole_cdsr.data.candidates import CandidateStore, arrays_sha256, draw_candidates
 from recbole_cdsr.data.utils import create_cdsr_dataset
@@ -252,7 +252,7 @@ def test_editing_test_inter_reruns_the_runs_that_used_it(tmp_path):
 # -- 5. one writer per output folder ---------------------------------------------------
 HOLDER = textwrap.dedent("""
     import sys, time
-    from recbole_cdsr.benchmark.runner import OutputLock
+    from recbole_cdsr.benchmark.store import OutputLock
     with OutputLock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(120)

@@ -7,9 +7,9 @@ ranked (``evaluate_test=False``); the objective is the trainer's best validation
 (with per-domain selection: the mean of the domains' best ``valid_metric``).
 
 A search's result is cached in ``<output_dir>/hyper/<dataset>-<name>.json`` with what it was
-built from (space file hash, base config, budget, algorithm, evaluations, seed, data
-fingerprint) and every trial's validation result; the benchmark then runs the model with
-the best parameters. hyperopt's own randomness is seeded (``HYPEROPT_FMIN_SEED``), so the
+built from (space file hash, base config with its budget, config files, algorithm,
+evaluations, early stop, seed, data fingerprint) and every trial's validation result; the
+benchmark then runs the model with the best parameters. hyperopt's own randomness is seeded (``HYPEROPT_FMIN_SEED``), so the
 same inputs give the same trials.
 
 Space files are read here (:func:`read_space_file`), not by RecBole, whose reader
@@ -21,6 +21,7 @@ import json
 import os
 import sys
 
+from recbole_cdsr.benchmark.plan import calibrate_budgets, run_config
 from recbole_cdsr.benchmark.spec import BenchmarkError
 from recbole_cdsr.utils import atomic_write_json, properties_dir, sha256_file, to_jsonable
 
@@ -169,8 +170,6 @@ def _quiet_print(fn):
 def tune_benchmark(spec, fingerprints, stream=None, names=None):
     """Run (or reuse) every search of the benchmark (``names``: only those of these models);
     ``{(dataset, name): best_params}``."""
-    from recbole_cdsr.benchmark.runner import _base_config, calibrate_budgets
-
     h = spec.hyper
     models = [n for n in h["models"] if names is None or n in names]
     steps = calibrate_budgets(spec, fingerprints, budget=h["budget"], names=models, stream=stream)
@@ -178,7 +177,7 @@ def tune_benchmark(spec, fingerprints, stream=None, names=None):
     for ds in spec.datasets:
         for name in models:
             entry = spec.entry(name)
-            base = _base_config(spec, entry, ds, h["budget"], steps=steps.get((ds, name)))
+            base = run_config(spec, entry, h["budget"], steps=steps.get((ds, name)))
             base.pop("seed", None)
             cache = os.path.join(spec.output_dir, "hyper", f"{ds}-{name}.json")
             rec = tune_model(

@@ -1,14 +1,15 @@
-"""Leaderboards from ``results.jsonl``: Markdown, CSV and a PNG chart per dataset, and a
-PNG of every run's validation curves (``valid-curves-<dataset>.png``).
+"""Leaderboards from ``results.jsonl``: Markdown, CSV and a PNG chart per dataset, a PNG
+of every run's validation curves (``valid-curves-<dataset>.png``) and, when the benchmark
+file names a ``readme``, the main tables between that file's markers.
 
 For each dataset, protocol, domain and metric: mean and sample standard deviation
 (``ddof=1``; one seed gives no std) over the seeds of each model; seconds per training
-epoch; the best mean marked; and a paired two-sided t-test of each model against the best
-baseline of that column. The test pairs test instances: each instance's metric (from its
-rank, stored per instance in every results line) is averaged over the model's seeds, and
-the two models' per-instance values are compared with ``scipy.stats.ttest_rel``. Every
-model sees the same instances and, under the sampled protocol, the same candidates, so the
-pairing is exact.
+epoch and the training view; the best mean marked; and a paired two-sided t-test of each
+model against the best baseline of that column. The test pairs test instances: each
+instance's metric (from its rank, stored per instance in every results line) is averaged
+over the model's seeds, and the two models' per-instance values are compared with
+``scipy.stats.ttest_rel``. Every model sees the same instances and, under the sampled
+protocol, the same candidates, so the pairing is exact.
 
 Only lines of the benchmark's current plan count: the latest ``ok`` line of each planned
 run key with the planned config hash. Runs without such a line are listed as missing or
@@ -23,6 +24,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from recbole_cdsr.benchmark.spec import BenchmarkError
 from recbole_cdsr.evaluation.protocol import instance_metric
 from recbole_cdsr.utils import atomic_write_bytes
 
@@ -345,7 +347,10 @@ def plot_valid_curves(spec, dataset, by_name, path, metric="hit@10"):
 
 
 def write_leaderboards(spec, runs, lines, out_dir=None):
-    """Write ``leaderboard-<dataset>.{md,csv,png}``; return ``{dataset: {kind: path}}``."""
+    """Write ``leaderboard-<dataset>.{md,csv,png}`` and ``valid-curves-<dataset>.png`` into
+    ``out_dir`` (default: the output folder), and the main tables into the benchmark's
+    ``readme`` when it names one; return ``{dataset: {kind: path}}`` (kinds ``markdown``,
+    ``csv``, ``png``, ``curves``, ``readme`` when written; ``rows``: the summary rows)."""
     out_dir = out_dir or spec.output_dir
     found, missing = select_lines(runs, lines)
     reports = {}
@@ -410,8 +415,6 @@ def update_readme(path, dataset, block, name=None):
     ``path`` (``leaderboard:<name>/<dataset>`` when the README has them, else
     ``leaderboard:<dataset>``; atomically; the file is left alone when nothing changes).
     Returns whether it changed."""
-    from recbole_cdsr.benchmark.spec import BenchmarkError
-
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

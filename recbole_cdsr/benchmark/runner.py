@@ -2,13 +2,13 @@
 
 ``run_benchmark("benchmarks/food-kitchen.yaml")``:
 
-1. checks the file (models, config keys and budget, before anything runs) and makes sure
-   each dataset's atomic files exist (converting a release when ``raw_path`` is set);
+1. checks the file (models, config keys and budget, before anything runs: ``spec.py``) and
+   makes sure each dataset's atomic files exist (converting a release when ``raw_path`` is
+   set);
 2. runs the hyper-parameter searches the file asks for (cached, see ``hyper.py``) and, for
    a budget in minutes, turns it into a step count per model (cached, ``calibration.py``);
-3. plans every run with its full config and a config hash (the config, the config files'
-   contents and the dataset files' fingerprint), and skips every run that
-   ``results.jsonl`` already holds as finished with the same hash;
+3. plans every run with its full config and config hash (``plan.py``), and skips every run
+   that ``results.jsonl`` already holds as finished with the same hash (``store.py``);
 4. runs the rest, appending one line per run to ``results.jsonl`` as it ends (a run that
    raises is recorded as ``failed`` with its error, and the others go on; failed runs are
    tried again by the next invocation). Locally each run has a child process of its own
@@ -16,273 +16,26 @@
    as failed too, and no run inherits another's memory; ``jobs: N`` runs N of them side by
    side. A run's process ends when the benchmark's process does (killed included): no run
    goes on unrecorded;
-5. writes the leaderboards (Markdown, CSV, PNG) from ``results.jsonl``.
+5. writes the leaderboards (Markdown, CSV, PNG, and the tables into the file's ``readme``)
+   from ``results.jsonl`` (``leaderboard.py``).
 
-One output folder has one writer: an invocation holds a lock on ``<output_dir>/.lock`` from
-start to end, and a second invocation on the same folder stops at once, naming the first's
-process. The lock is the operating system's (``flock``), so a killed process leaves none.
-
-A line of ``results.jsonl`` is the run's results file (see ``quick_start``) plus
-``benchmark``, ``name`` (the leaderboard label), ``run_key`` (``dataset/name/seedN``),
-``config_hash``, ``status``, ``wall_seconds`` and ``code`` (:func:`code_fingerprint` of the
-plugin's sources and defaults). Deleting a line reruns exactly that run.
-
-The code is not part of the config hash: a fix in one model must not void a finished
-matrix. Instead the leaderboard says which code versions its rows come from, and warns
-when they are more than one (delete the lines of the runs to redo).
+The whole invocation holds the output folder's lock (``store.OutputLock``): one writer per
+folder.
 """
 
-import hashlib
-import json
 import os
 import sys
 import traceback
 from datetime import datetime, timezone
 from time import time
 
-from dataset_converters.filelock import FileLock, LockBusy
+from recbole_cdsr.benchmark.hyper import tune_benchmark
+from recbole_cdsr.benchmark.leaderboard import write_leaderboards
+from recbole_cdsr.benchmark.plan import calibrate_budgets, plan_runs, prepare_datasets
 from recbole_cdsr.benchmark.spec import BenchmarkError, BenchmarkSpec, load_benchmark
-from recbole_cdsr.utils import code_fingerprint
-
-LOCK_FILE = ".lock"
-
-
-class OutputLock:
-    """Exclusive lock on a benchmark output folder (``<folder>/.lock``) for the life of one
-    invocation; a killed invocation leaves none (see ``dataset_converters.filelock``)."""
-
-    def __init__(self, folder):
-        self.folder = folder
-        self._lock = FileLock(os.path.join(folder, LOCK_FILE))
-
-    def __enter__(self):
-        try:
-            self._lock.acquire()
-        except LockBusy as e:
-            raise BenchmarkError(
-                f"benchmark output folder {self.folder} is in use by another invocation"
-                + (f" ({e.holder})" if e.holder else "")
-                + ": wait for it to end, or give this benchmark another output_dir "
-                "(to run models side by side, use one invocation with jobs: N)"
-            ) from None
-        return self
-
-    def __exit__(self, *exc):
-        self._lock.release()
-
-
-#: config keys that say where files go or how much is printed: not part of the config hash
-NON_HASHED_KEYS = ("checkpoint_dir", "results_dir", "show_progress", "state", "data_path")
-RESULTS_FILE = "results.jsonl"
-
-
-# -- planning ------------------------------------------------------------------------
-def _sha256_bytes(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha(path):
-    from recbole_cdsr.utils import sha256_file
-
-    return sha256_file(path)
-
-
-ATOMIC_SUFFIXES = ("item", "user", "train.inter", "valid.inter", "test.inter")
-
-
-def dataset_fingerprint(data_path, dataset, stream=None):
-    """sha256 over the contents of the dataset's atomic files.
-
-    When the converter's manifest lists every atomic file present and each one's bytes still
-    hash to the listed value, the fingerprint is the manifest's hash (it names the release
-    and the converter as well); an atomic file edited, added or removed since the conversion
-    gives a fingerprint of the files' actual contents instead, with a warning, so the runs
-    that used the old files are run again.
-    """
-    d = os.path.join(data_path, dataset)
-    present = {}
-    for suffix in ATOMIC_SUFFIXES:
-        p = os.path.join(d, f"{dataset}.{suffix}")
-        if os.path.isfile(p):
-            present[suffix] = _file_sha(p)
-    if not present:
-        raise BenchmarkError(f"dataset {dataset!r}: no atomic files in {d}")
-    manifest = os.path.join(d, f"{dataset}.manifest.json")
-    if os.path.isfile(manifest):
-        try:
-            with open(manifest, encoding="utf-8") as f:
-                listed = json.load(f).get("output_files_sha256") or {}
-        except (OSError, ValueError, AttributeError):
-            listed = {}
-        listed = {s: listed[f"{dataset}.{s}"] for s in ATOMIC_SUFFIXES if f"{dataset}.{s}" in listed}
-        if listed == present:
-            return "manifest:" + _file_sha(manifest)
-        changed = sorted(set(listed) ^ set(present) | {k for k in present if listed.get(k, present[k]) != present[k]})
-        print(f"WARNING dataset {dataset!r}: atomic files differ from the converter's manifest "
-              f"({', '.join(f'{dataset}.{c}' for c in changed) or 'no file list in the manifest'}); the benchmark fingerprints "
-              "their contents, and runs recorded against the converted files run again",
-              file=stream or sys.stderr, flush=True)
-    return "files:" + _sha256_bytes("\n".join(f"{k}:{v}" for k, v in present.items()).encode())
-
-
-def config_hash(run, fingerprint):
-    ident = {
-        "model": run["model"],
-        "dataset": run["dataset"],
-        "seed": run["seed"],
-        "config": {k: v for k, v in run["config"].items() if k not in NON_HASHED_KEYS},
-        "config_files": [_file_sha(f) for f in run["config_files"]],
-        "data": fingerprint,
-    }
-    return _sha256_bytes(json.dumps(ident, sort_keys=True, default=str).encode())[:16]
-
-
-def _base_config(spec, entry, dataset, budget, tuned=None, steps=None):
-    cfg = dict(spec.config)
-    cfg.update(BenchmarkSpec.budget_config(budget, steps))
-    cfg["eval_protocol"] = list(spec.protocols)
-    if spec.threads:
-        cfg["num_threads"] = spec.threads
-    cfg.update(spec.overrides.get(entry.name, {}))
-    cfg.update(entry.config)
-    cfg.update(tuned or {})  # a searched key takes its searched value
-    cfg["data_path"] = os.path.abspath(cfg.get("data_path", "dataset/"))
-    return cfg
-
-
-def prepare_datasets(spec):
-    """Make sure every dataset's atomic files exist; return ``{dataset: fingerprint}``."""
-    from recbole_cdsr.config import CDSRConfig
-    from recbole_cdsr.data.utils import ensure_atomic_files
-
-    out = {}
-    for ds in spec.datasets:
-        entry = spec.models[0]
-        cfg = _base_config(spec, entry, ds, spec.budget)
-        config = CDSRConfig(entry.model, ds, spec.config_files or None, cfg)
-        try:
-            ensure_atomic_files(config)
-        except FileNotFoundError as e:
-            raise BenchmarkError(f"dataset {ds!r}: {e}") from None
-        out[ds] = dataset_fingerprint(cfg["data_path"], ds)
-    return out
-
-
-def calibrate_budgets(spec, fingerprints, tuned=None, budget=None, names=None, stream=None, measure=None):
-    """``{(dataset, name): max_train_steps}`` for a budget in minutes (else empty).
-
-    ``names``: only these models; ``measure``: the models that may be timed now (default:
-    all), the others only when their measurement is cached (else they are left out)."""
-    from recbole_cdsr.benchmark.calibration import calibrated_steps
-
-    budget = budget or spec.budget
-    if budget.get("minutes") is None:
-        return {}
-    tuned = tuned or {}
-    out = {}
-    for ds in spec.datasets:
-        for entry in spec.models:
-            if names is not None and entry.name not in names:
-                continue
-            cfg = _base_config(spec, entry, ds, budget, tuned.get((ds, entry.name)))
-            cfg["seed"] = spec.seeds[0]
-            n, _ = calibrated_steps(
-                spec.output_dir, f"{ds}/{entry.name}", entry.model, ds, cfg, spec.config_files,
-                fingerprints[ds], budget["minutes"], budget["calibration_steps"], stream,
-                measure=measure is None or entry.name in measure,
-            )
-            if n is not None:
-                out[(ds, entry.name)] = n
-    return out
-
-
-def plan_runs(spec, fingerprints, tuned=None, steps=None, check=True, names=None):
-    """Every run of the matrix (dataset, then model, then seed), each a plain dict.
-
-    A model's seeds run one after another, so a benchmark stopped part way has complete
-    rows (every seed) for the models it reached, and a model's cached stages (LLMCDSR's
-    pre-training, LeCDSR's profiles) are needed in one stretch.
-
-    ``tuned``: ``{(dataset, name): params}`` from the searches; ``steps``:
-    ``{(dataset, name): max_train_steps}`` from the calibration of a budget in minutes;
-    ``names``: plan only these models (default: all)."""
-    from recbole_cdsr.config import CDSRConfig
-
-    tuned = tuned or {}
-    steps = steps or {}
-    runs = []
-    for ds in spec.datasets:
-        for entry in spec.models:
-            if names is not None and entry.name not in names:
-                continue
-            for seed in spec.seeds:
-                key = (ds, entry.name)
-                cfg = _base_config(spec, entry, ds, spec.budget, tuned.get(key), steps.get(key))
-                cfg["seed"] = seed
-                run = {
-                    "benchmark": spec.name,
-                    "dataset": ds,
-                    "model": entry.model,
-                    "name": entry.name,
-                    "seed": seed,
-                    "config": cfg,
-                    "config_files": list(spec.config_files),
-                    "run_key": f"{ds}/{entry.name}/seed{seed}",
-                    "output_dir": spec.output_dir,
-                    "save_checkpoints": spec.save_checkpoints,
-                }
-                if check:  # wrong keys/types fail here, before anything runs
-                    try:
-                        CDSRConfig(entry.model, ds, spec.config_files or None, dict(cfg))
-                    except ValueError as e:
-                        raise BenchmarkError(f"{spec.path or spec.name}: run {run['run_key']}: {e}") from None
-                run["config_hash"] = config_hash(run, fingerprints[ds])
-                runs.append(run)
-    return runs
-
-
-# -- results.jsonl -------------------------------------------------------------------
-class ResultsStore:
-    """Append-only JSON lines; a half-written last line (a crash) is dropped on reading."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def read(self):
-        if not os.path.isfile(self.path):
-            return []
-        with open(self.path, "rb") as f:
-            data = f.read()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            print(f"{self.path}: dropping a half-written last line (an interrupted run)", file=sys.stderr)
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
-            data = data[:cut]
-        out = []
-        for i, ln in enumerate(data.decode("utf-8").splitlines(), 1):
-            if not ln.strip():
-                continue
-            try:
-                obj = json.loads(ln)
-            except json.JSONDecodeError as e:
-                raise BenchmarkError(f"{self.path} line {i}: not a JSON object ({e}); fix or delete that line") from None
-            if not isinstance(obj, dict) or "run_key" not in obj or "config_hash" not in obj:
-                raise BenchmarkError(f"{self.path} line {i}: not a benchmark run line (no run_key/config_hash)")
-            out.append(obj)
-        return out
-
-    def append(self, line):
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        text = json.dumps(line, sort_keys=True, default=str) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def finished_keys(lines):
-    return {(ln["run_key"], ln["config_hash"]) for ln in lines if ln.get("status") == "ok"}
+from recbole_cdsr.benchmark.store import (
+    RESULTS_FILE, OutputLock, ResultsStore, failed_line, finished_keys, run_fields,
+)
 
 
 # -- executing one run ---------------------------------------------------------------
@@ -306,24 +59,15 @@ def execute_run(run):
         line["status"] = "ok"
     except Exception as e:  # a failing run is recorded, the benchmark goes on
         line = failed_line(run, e, traceback.format_exc(limit=30))
-    line.update(
-        benchmark=run["benchmark"], name=run["name"], run_key=run["run_key"],
-        config_hash=run["config_hash"], wall_seconds=time() - t0, code=code_fingerprint(),
-        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
+    seconds = time() - t0
+    line.update(run_fields(run), wall_seconds=seconds,
+                finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return line
 
 
-def failed_line(run, error, tb=None):
-    return {
-        "model": run["model"], "dataset": run["dataset"], "seed": run["seed"],
-        "status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": tb,
-        "benchmark": run["benchmark"], "name": run["name"], "run_key": run["run_key"],
-        "config_hash": run["config_hash"], "code": code_fingerprint(),
-    }
-
-
 class Progress:
+    """One line per ended run: ``[done/total] run_key: ok|FAILED in s; left, ETA``."""
+
     def __init__(self, total, skipped, stream=None):
         self.total, self.skipped, self.done = total, skipped, 0
         self.t0 = time()
@@ -524,12 +268,18 @@ EXECUTORS = ("local", "ray")
 
 def run_benchmark(spec, executor="local", ray_address=None, write_reports=True, stream=None, only=None,
                   jobs=None):
-    """Run (or resume) a benchmark; return a summary dict.
+    """Run (or resume) a benchmark; return a summary dict: ``runs`` (planned), ``skipped``
+    (already finished), ``ran``, ``failed`` (run keys of the selected models without a
+    finished line), ``results_file``, ``reports`` (:func:`write_leaderboards`), ``tuned``
+    and ``steps`` (the searches' parameters and the calibrated step counts).
 
     Args:
         spec: a path to a benchmark file or a :class:`BenchmarkSpec`.
         executor: ``local`` (one run after the other, each in a child process of its own
             unless the file says ``isolate_runs: false``) or ``ray``.
+        ray_address: the Ray cluster to join (default: start a local Ray).
+        write_reports: write the leaderboards (and the readme's tables) at the end.
+        stream: where progress goes (default stdout).
         only: model names (of the file) to run now; the others are neither searched,
             calibrated nor run, and appear in the leaderboard only when their calibration
             (and search) is cached and their runs are recorded. Default: every model.
@@ -564,8 +314,6 @@ def _run_locked(spec, executor, ray_address, write_reports, stream, only, select
     tuned = {}
     planned = set(names)
     if spec.hyper:
-        from recbole_cdsr.benchmark.hyper import tune_benchmark
-
         tuned = tune_benchmark(spec, fingerprints, stream=stream, names=selected)
         planned -= set(spec.hyper["models"]) - selected  # a search of its own, not run now
     steps = calibrate_budgets(spec, fingerprints, tuned, names=planned, stream=stream, measure=selected)
@@ -588,12 +336,10 @@ def _run_locked(spec, executor, ray_address, write_reports, stream, only, select
         else:
             run_local(pending, store, progress, isolate=spec.isolate_runs, jobs=jobs)
     lines = store.read()
-    failed = [r["run_key"] for r in runs
-              if r["name"] in selected and (r["run_key"], r["config_hash"]) not in finished_keys(lines)]
+    done = finished_keys(lines)
+    failed = [r["run_key"] for r in runs if r["name"] in selected and (r["run_key"], r["config_hash"]) not in done]
     reports = {}
     if write_reports:
-        from recbole_cdsr.benchmark.leaderboard import write_leaderboards
-
         reports = write_leaderboards(spec, runs, lines)
         for ds, files in reports.items():
             print(f"leaderboard {ds}: {files['markdown']}", file=stream, flush=True)

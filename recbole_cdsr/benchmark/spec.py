@@ -10,7 +10,7 @@ A benchmark file is YAML::
       - {model: SASRec, name: SASRec-BPR, config: {loss_type: BPR}}   # a variant
     seeds: [2020, 2021, 2022]
     protocols: [sampled, full]        # the first selects models (eval_protocol)
-    budget: {epochs: 20, steps: ~, minutes: ~, steps_per_epoch: ~}
+    budget: {epochs: 20, steps: ~, minutes: ~, steps_per_epoch: ~, calibration_steps: 5}
     config: {stopping_step: 3}        # config keys for every run
     config_files: []                  # YAML files for every run (relative to this file)
     overrides: {SASRec: {hidden_dropout_prob: 0.3}}   # config keys per model name
@@ -21,8 +21,9 @@ A benchmark file is YAML::
                                       # directory); a relative path is relative to this file
     save_checkpoints: true
     readme: ~                         # a Markdown file (relative to this file) whose
-                                      # <!-- leaderboard:<dataset>:start/end --> markers get
-                                      # the main tables after every invocation
+                                      # <!-- leaderboard:<name>/<dataset>:start/end --> markers
+                                      # (or, without those, <!-- leaderboard:<dataset>:... -->)
+                                      # get the main tables after every invocation
     isolate_runs: true                # local executor: each run in a fresh child process, so a
                                       # run the OS kills (out of memory) is recorded as failed
                                       # and every run starts with the memory of a new process
@@ -32,14 +33,20 @@ A benchmark file is YAML::
       models: [SASRec]
       algo: random                    # exhaustive | random | bayes (RecBole's HyperTuning)
       max_evals: 8
+      early_stop: 10                  # HyperTuning stops after this many trials without a gain
       budget: {epochs: 5}             # default: the benchmark's budget
       seed: ~                         # default: the first seed
 
 The budget caps each run at ``epochs`` (of ``steps_per_epoch`` batches when given), at
 ``steps`` optimiser steps, and at ``minutes`` of training: minutes are turned into a step
-count per model by timing a few steps of that model once (``calibration.py``, cached in
-the output folder), so a run stops after a fixed number of steps and the same seed gives the
-same numbers; early stopping on validation still applies within the budget.
+count per model by timing ``calibration_steps`` steps of that model once (``calibration.py``,
+cached in the output folder), so a run stops after a fixed number of steps and the same seed
+gives the same numbers; early stopping on validation still applies within the budget.
+
+Values that become config keys (``config``, ``overrides``, a model's ``config``,
+``protocols``, ``threads``, the budget's ``epochs``, ``steps`` and ``steps_per_epoch``, the
+search's ``seed``) are checked by the config's own checker
+(:func:`recbole_cdsr.config.check_value`); the rest of the file is checked here.
 
 Priority of config keys within one run, lowest first: config_files < ``config`` < budget
 and protocols < ``overrides`` < the model entry's own ``config`` < tuned hyper-parameters
@@ -51,7 +58,8 @@ import os
 
 import yaml
 
-from recbole_cdsr.config import ConfigError, PROTOCOLS, check_value, warn_unknown_keys
+from recbole_cdsr import registry
+from recbole_cdsr.config import ConfigError, check_value, warn_unknown_keys
 
 TOP_KEYS = {
     "name", "datasets", "models", "seeds", "protocols", "budget", "config", "config_files",
@@ -96,8 +104,7 @@ class BenchmarkSpec:
         self.seeds = self._int_list(raw, "seeds")
         protocols = raw.get("protocols", ["sampled", "full"])
         protocols = [protocols] if isinstance(protocols, str) else protocols
-        if not isinstance(protocols, list) or not protocols or any(p not in PROTOCOLS for p in protocols):
-            self._fail("protocols", f"must list protocols from {', '.join(PROTOCOLS)}, got {protocols!r}")
+        self._check_value("protocols", "eval_protocol", protocols)
         self.protocols = list(protocols)
         self.models = self._models(raw.get("models"))
         self.budget = self._budget(raw.get("budget"), "budget", required=True)
@@ -122,16 +129,13 @@ class BenchmarkSpec:
             self.config_files.append(os.path.abspath(full))
         baselines = raw.get("baselines")
         if baselines is None:
-            from recbole_cdsr.registry import PLUGIN_MODELS
-
-            self.baselines = [m.name for m in self.models if m.model not in PLUGIN_MODELS]
+            self.baselines = [m.name for m in self.models if m.model not in registry.PLUGIN_MODELS]
         else:
             if not isinstance(baselines, list) or any(b not in names for b in baselines):
                 self._fail("baselines", f"must list model names of this benchmark, got {baselines!r}")
             self.baselines = list(baselines)
         threads = raw.get("threads")
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            self._fail("threads", f"must be a positive integer or ~, got {threads!r}")
+        self._check_value("threads", "num_threads", threads)
         self.threads = threads
         out = raw.get("output_dir")
         if out is None:
@@ -206,10 +210,15 @@ class BenchmarkSpec:
             self._fail(key, f"must be a mapping, got {v!r}")
         return dict(v)
 
-    def _check_key(self, where, key, value):
+    def _check_value(self, where, key, value):
+        """``value`` of the benchmark's ``where`` becomes config key ``key``: check it as the
+        config does (:func:`recbole_cdsr.config.check_value`)."""
         msg = check_value(key, value)
         if msg:
             self._fail(where, msg)
+
+    def _check_key(self, where, key, value):
+        self._check_value(where, key, value)
         warn_unknown_keys([key], f"{self._where}: {where}")
 
     def _models(self, v):
@@ -238,8 +247,6 @@ class BenchmarkSpec:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             self._fail("models", f"name {dup[0]!r} appears twice: give variants a distinct 'name'")
-        from recbole_cdsr import registry
-
         for m in out:
             try:
                 registry.get_model(m.model)
@@ -258,11 +265,15 @@ class BenchmarkSpec:
         if bad:
             self._fail(f"{key}.{bad[0]}", f"unknown; valid: {', '.join(BUDGET_KEYS)}")
         out = {}
-        for k in ("epochs", "steps", "steps_per_epoch", "calibration_steps"):
+        for k in ("epochs", "steps", "steps_per_epoch"):
             x = v.get(k)
-            if x is not None and (not isinstance(x, int) or isinstance(x, bool) or x < 1):
-                self._fail(f"{key}.{k}", f"must be a positive integer, got {x!r}")
+            if x is not None:
+                self._check_value(f"{key}.{k}", BUDGET_KEYS[k], x)
             out[k] = x
+        x = v.get("calibration_steps")
+        if x is not None and (not isinstance(x, int) or isinstance(x, bool) or x < 1):
+            self._fail(f"{key}.calibration_steps", f"must be a positive integer, got {x!r}")
+        out["calibration_steps"] = x
         x = v.get("minutes")
         if x is not None and (not isinstance(x, (int, float)) or isinstance(x, bool) or x <= 0):
             self._fail(f"{key}.minutes", f"must be a positive number of minutes, got {x!r}")
@@ -293,9 +304,9 @@ class BenchmarkSpec:
         early_stop = v.get("early_stop", 10)
         if not isinstance(early_stop, int) or isinstance(early_stop, bool) or early_stop < 1:
             self._fail("hyper.early_stop", f"must be a positive integer, got {early_stop!r}")
-        seed = v.get("seed", self.seeds[0])
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            self._fail("hyper.seed", f"must be an integer, got {seed!r}")
+        seed = v.get("seed")
+        seed = self.seeds[0] if seed is None else seed
+        self._check_value("hyper.seed", "seed", seed)
         budget = self._budget(v.get("budget"), "hyper.budget", required=False) or dict(self.budget)
         return {"models": list(models), "algo": algo, "max_evals": max_evals, "early_stop": early_stop,
                 "seed": seed, "budget": budget}
