@@ -9,7 +9,7 @@ tables, item text tables, user profiles, search results) is an :class:`Artefact`
   readable tag the caller gives, such as ``n999-seed2024``; the identity is checked all
   the same), so files built from different inputs never share a name;
 - an **atomic write**: the file through a temporary name and a rename, then its manifest
-  ``<stem>-<tag>.json`` (identity, the file's sha256, the caller's record), last: a file
+  ``<stem>-<tag>.json`` (``.manifest.json`` for a JSON artefact) (identity, the file's sha256, the caller's record), last: a file
   without a manifest is never taken for complete;
 - **verification on reuse**: the manifest must exist, record the same identity and the
   sha256 of the file as it is now. Anything else is a miss, with the reason.
@@ -51,7 +51,7 @@ class Artefact:
         self.tag = identity_tag(self.identity) if tag is None else tag
         base = os.path.join(directory, f"{stem}-{self.tag}")
         self.path = base + suffix
-        self.manifest_path = base + ".json"
+        self.manifest_path = base + (".manifest.json" if suffix == ".json" else ".json")
 
     def check(self):
         """``(manifest, None)`` when the file is complete and built from this identity;
@@ -122,7 +122,8 @@ def verified_manifest(path):
     """The manifest of an artefact file given by its path (a config value such as
     ``pseudo_items``), after checking that the file is the one it describes; raises
     ``FileNotFoundError`` / ``ValueError`` naming the file otherwise."""
-    man = os.path.splitext(path)[0] + ".json"
+    stem, suffix = os.path.splitext(path)
+    man = stem + (".manifest.json" if suffix == ".json" else ".json")
     if not (os.path.isfile(path) and os.path.isfile(man)):
         raise FileNotFoundError(f"{path} (or its manifest {os.path.basename(man)}) does not exist")
     try:

@@ -142,7 +142,8 @@ def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=No
     ds, train_data, valid_data, test_data, net = build_data_and_model(config)
     logger.info(ds)
     data_seconds = time() - t0
-    logger.info(net)
+    logger.info(net if config["show_config"] else
+                f"{type(net).__name__}: {sum(p.numel() for p in net.parameters()):,} parameters")
     trainer = get_trainer(config["model"])(config, net)
     trainer.report = report
 

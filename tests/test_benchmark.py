@@ -420,7 +420,9 @@ def test_hyper_search_never_ranks_test_and_feeds_the_benchmark(tmp_path, syn_dat
     spec = write_spec(tmp_path, syn_data, models=["GRU4Rec"], seeds=[1], isolate_runs=False,  # the spy is here
                       hyper={"models": ["GRU4Rec"], "algo": "exhaustive", "budget": {"epochs": 2}})
     out = run_benchmark(spec)
-    rec = json.load(open(tmp_path / "out" / "hyper" / "tiny-cdsr-GRU4Rec.json"))
+    files = sorted(os.listdir(tmp_path / "out" / "hyper"))
+    assert len(files) == 2 and files[0].startswith("tiny-cdsr-GRU4Rec-") and files[1].endswith(".manifest.json")
+    rec = json.load(open(tmp_path / "out" / "hyper" / files[0]))
     assert len(rec["trials"]) == 2 and {t["params"]["learning_rate"] for t in rec["trials"]} == {0.01, 0.0001}
     best = max(rec["trials"], key=lambda t: t["best_valid_score"])
     assert rec["best_params"] == best["params"]

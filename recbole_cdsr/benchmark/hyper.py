@@ -6,26 +6,26 @@ The search space of a model is ``properties/hyper/<Model>.hyper`` in RecBole's f
 ranked (``evaluate_test=False``); the objective is the trainer's best validation score
 (with per-domain selection: the mean of the domains' best ``valid_metric``).
 
-A search's result is cached in ``<output_dir>/hyper/<dataset>-<name>.json`` with what it was
-built from (space file hash, base config with its budget, config files, algorithm,
-evaluations, early stop, seed, data fingerprint) and every trial's validation result; the
-benchmark then runs the model with the best parameters. hyperopt's own randomness is seeded (``HYPEROPT_FMIN_SEED``), so the
+A search's result is a cached artefact (:mod:`recbole_cdsr.cache`),
+``<output_dir>/hyper/<dataset>-<name>-<tag>.json``, whose identity is what it was built from
+(space file hash, base config with its budget, config files, algorithm, evaluations, early
+stop, seed, data fingerprint); it holds every trial's validation result, and the benchmark
+then runs the model with the best parameters. hyperopt's own randomness is seeded (``HYPEROPT_FMIN_SEED``), so the
 same inputs give the same trials.
 
 Space files are read here (:func:`read_space_file`), not by RecBole, whose reader
 runs the values of ``choice`` lines as Python code: a shared space file is data and never runs.
 """
 
-import hashlib
-import json
 import os
 import sys
 
 from recbole_cdsr.benchmark.plan import calibrate_budgets, run_config
 from recbole_cdsr.benchmark.spec import BenchmarkError
-from recbole_cdsr.utils import atomic_write_json, properties_dir, sha256_file, to_jsonable
+from recbole_cdsr.cache import Artefact
+from recbole_cdsr.utils import properties_dir, sha256_file, to_jsonable
 
-HYPER_FORMAT_VERSION = 1
+HYPER_FORMAT_VERSION = 2  # 2: a cached artefact with its manifest
 
 
 def space_file(model):
@@ -96,11 +96,12 @@ def read_space_file(path):
 
 
 def tune_model(model, dataset, base_config, config_files=None, params_file=None, algo="random",
-               max_evals=10, early_stop=10, seed=2020, cache_file=None, extra_identity=None, stream=None):
-    """Search ``model``'s space on ``dataset``; return the cache record (``best_params`` ...).
+               max_evals=10, early_stop=10, seed=2020, cache_dir=None, extra_identity=None, stream=None):
+    """Search ``model``'s space on ``dataset``; return the record (``best_params`` ...).
 
     ``base_config`` holds every fixed key (budget included); trial values override it.
-    With ``cache_file``, a record built from the same inputs is returned without running.
+    With ``cache_dir``, a record built from the same inputs is returned without running, and
+    a new one is written there (``<dataset>-<model>-<tag>.json``).
     """
     from recbole.trainer import HyperTuning
 
@@ -114,13 +115,10 @@ def tune_model(model, dataset, base_config, config_files=None, params_file=None,
         "config_files": [sha256_file(f) for f in (config_files or [])], "algo": algo,
         "max_evals": max_evals, "early_stop": early_stop, "seed": seed, "extra": extra_identity,
     }
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    if cache_file and os.path.isfile(cache_file):
-        with open(cache_file) as f:
-            rec = json.load(f)
-        if rec.get("key") == key:
-            print(f"hyper {model} on {dataset}: cached ({cache_file})", file=stream, flush=True)
-            return rec
+    art = Artefact(cache_dir, f"{dataset}-{model}", identity, suffix=".json") if cache_dir else None
+    if art is not None and art.cached(f"hyper-parameter search of {model} on {dataset}"):
+        print(f"hyper {model} on {dataset}: cached ({art.path})", file=stream, flush=True)
+        return art.load_json()
     trials = []
 
     def objective(params, _files):
@@ -149,12 +147,12 @@ def tune_model(model, dataset, base_config, config_files=None, params_file=None,
             os.environ["HYPEROPT_FMIN_SEED"] = old
     best = max(trials, key=lambda t: t["best_valid_score"])
     rec = {
-        "key": key, "identity": identity, "params_file": params_file,
+        "identity": identity, "params_file": params_file,
         "best_params": best["params"], "best_valid_score": best["best_valid_score"],
         "trials": trials, "note": "selected on the validation split; the test split was never ranked",
     }
-    if cache_file:
-        atomic_write_json(cache_file, rec)
+    if art is not None:
+        art.write_json(rec)
     return rec
 
 
@@ -179,10 +177,9 @@ def tune_benchmark(spec, fingerprints, stream=None, names=None):
             entry = spec.entry(name)
             base = run_config(spec, entry, h["budget"], steps=steps.get((ds, name)))
             base.pop("seed", None)
-            cache = os.path.join(spec.output_dir, "hyper", f"{ds}-{name}.json")
             rec = tune_model(
                 entry.model, ds, base, spec.config_files, algo=h["algo"], max_evals=h["max_evals"],
-                early_stop=h["early_stop"], seed=h["seed"], cache_file=cache,
+                early_stop=h["early_stop"], seed=h["seed"], cache_dir=os.path.join(spec.output_dir, "hyper"),
                 extra_identity={"data": fingerprints[ds]}, stream=stream,
             )
             out[(ds, name)] = rec["best_params"]

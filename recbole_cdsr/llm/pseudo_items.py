@@ -14,6 +14,7 @@ names are left out (no pseudo items).
 import numpy as np
 
 from recbole_cdsr.cache import Artefact, verified_manifest
+from recbole_cdsr.llm.encoders import encode_in_parts
 
 PSEUDO_FORMAT_VERSION = 2  # 2: the shared artefact manifest
 
@@ -61,8 +62,6 @@ def write_pseudo_items(dataset_dir, dataset_name, records, encoder, source, min_
             index.append(name_row[n])
         offsets.append(len(index))
     names = list(name_row)
-    from recbole_cdsr.llm.encoders import encode_in_parts
-
     emb = encode_in_parts(encoder, names, art.path[:-4] + ".parts", what="stage 1: pseudo-item names")
     art.write_arrays(pseudo_arrays(users, domains, offsets, index, names, emb), users=len(users),
                      unique_names=len(names), dim=int(emb.shape[1]) if len(names) else encoder.dim)

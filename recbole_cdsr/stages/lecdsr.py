@@ -40,6 +40,7 @@ import numpy as np
 
 from recbole_cdsr.cache import Artefact
 from recbole_cdsr.data.atomic import read_rows
+from recbole_cdsr.llm.encoders import encode_in_parts
 from recbole_cdsr.utils import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -152,8 +153,6 @@ def build_profiles(config, dataset_dir, name, encoder, items, backend_factory=No
         "max_chars": max_chars, "source": source})
     m = art.cached("user profile vectors")
     if m is None:
-        from recbole_cdsr.llm.encoders import encode_in_parts
-
         emb = encode_in_parts(encoder, cut, art.path[:-4] + ".parts", what="LeCDSR user profiles")
         m = art.write_arrays({"users": np.asarray(users, dtype=str), "emb": emb.astype(np.float32)},
                              users=len(users), mean_chars=float(np.mean([len(t) for t in cut])) if cut else 0.0)
