@@ -155,7 +155,7 @@ def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=No
     if evaluate_test:
         test_result = trainer.evaluate(test_data, load_best_model=True, show_progress=config["show_progress"])
         test_ranks = {p: r.tolist() for p, r in trainer.last_ranks.items()}
-        logger.info(f"test result: {test_result}")
+        logger.info("test result: " + "  ".join(f"{k}: {v:.4f}" for k, v in test_result.items() if k.endswith("@10")))
     test_seconds = time() - t_test
 
     protocols = list(config["eval_protocol"])
