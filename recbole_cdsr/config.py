@@ -47,6 +47,7 @@ CONFIG_SCHEMA = {
     "train_view": (_STR, ("auto", "prefix", "sequence")),
     "train_neg_domain": (_STR, ("same", "any")),
     "train_min_history": (_INT, None),
+    "train_min_items_per_domain": (_INT, None),
     "steps_per_epoch": (_INT + _NONE, None),
     "train_time_budget": (_NUM + _NONE, None),
     "max_train_steps": (_INT + _NONE, None),
@@ -78,6 +79,12 @@ CONFIG_SCHEMA = {
     "length_group_batches": (_INT, None),
     "fused_loss": (_BOOL, None),
     "show_config": (_BOOL, None),
+    "adam_betas": (_LIST + _NONE, None),
+    # C2DSR
+    "c2dsr_gnn_layers": (_INT, None),
+    "c2dsr_lambda": (_NUM, None),
+    "c2dsr_loss_positions": (_INT, None),
+    "c2dsr_resample_corruption": (_BOOL, None),
     "show_progress": (_BOOL, None),
     # LLMCDSR
     "llmcdsr_mode": (_STR, ("full", "backbone_only", "random_recall", "no_meta")),
@@ -117,6 +124,7 @@ RANGES = {
     "eval_neg_num": (1, False, None, False),
     "MAX_ITEM_LIST_LENGTH": (1, False, None, False),
     "train_min_history": (1, False, None, False),
+    "train_min_items_per_domain": (0, False, None, False),
     "stopping_step": (1, False, None, False),
     "length_group_batches": (1, False, None, False),
     "eval_step": (0, False, None, False),  # 0: no validation while training (as RecBole)
@@ -131,6 +139,10 @@ RANGES = {
     "hidden_dropout_prob": (0, False, 1, True),
     "attn_dropout_prob": (0, False, 1, True),
     "dropout_prob": (0, False, 1, True),
+    # C2DSR
+    "c2dsr_gnn_layers": (0, False, None, False),
+    "c2dsr_lambda": (0, False, 1, False),
+    "c2dsr_loss_positions": (1, False, None, False),
     # LLMCDSR
     "length_buckets": (1, False, None, False),
     "bucket_overhead": (0, False, None, False),

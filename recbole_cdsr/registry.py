@@ -14,6 +14,7 @@ from recbole_cdsr.utils import disable_anomaly_detection
 PLUGIN_MODELS = {
     "LLMCDSR": "recbole_cdsr.model.llmcdsr:LLMCDSR",
     "LeCDSR": "recbole_cdsr.model.lecdsr:LeCDSR",
+    "C2DSR": "recbole_cdsr.model.c2dsr:C2DSR",
 }
 
 #: Trainers of plugin models that need their own: name -> "module:Class".

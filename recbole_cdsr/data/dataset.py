@@ -166,7 +166,9 @@ class CDSRDataset(SequentialDataset):
 
     # -- views -------------------------------------------------------------------------
     def _change_feat_format(self):
-        """Build the training view and fixed-width histories, then convert to Interaction."""
+        """Build the training view and fixed-width histories, then convert to Interaction.
+        ``training_sequences``: every training row's whole sequence (history then target,
+        internal ids), before any cut or filter."""
         df = self.inter_feat
         list_field = self.item_id_list_field
         length_field = self.item_list_length_field
@@ -181,6 +183,9 @@ class CDSRDataset(SequentialDataset):
             if any(len(h) == 0 for h in hist):
                 split = self.benchmark_filename_list[i]
                 raise CDSRDataError(f"{split} file holds a row with an empty history")
+            if i == 0:
+                self.training_sequences = [np.append(np.asarray(h, dtype=np.int64), t) for h, t in zip(hist, target)]
+                uid, hist, target = self._min_per_domain(uid, hist, target, max_len)
             if i == 0 and self.train_view == "prefix":
                 cols = _prefix_rows(uid, hist, target, max_len, self.config["train_min_history"])
             elif i == 0 and self.windows:
@@ -212,6 +217,28 @@ class CDSRDataset(SequentialDataset):
                 continue
             feat = getattr(self, feat_name)
             setattr(self, feat_name, self._dataframe_to_interaction(feat))
+
+    def _min_per_domain(self, uid, hist, target, max_len):
+        """Training rows whose sequence holds at least ``train_min_items_per_domain`` items of
+        every domain (0: all rows). The sequence counted is what the view trains on: the last
+        ``max_len`` history items and the target in the whole-sequence view, the whole
+        sequence otherwise."""
+        k = self.config["train_min_items_per_domain"] or 0
+        if not k:
+            return uid, hist, target
+        cut = self.train_view == "sequence" and not self.windows
+        keep = []
+        for h, t in zip(hist, target):
+            seq = np.append(np.asarray(h[-max_len:] if cut else h, dtype=np.int64), t)
+            counts = np.bincount(self.item_domain[seq], minlength=len(self.domain_names))
+            keep.append(bool((counts >= k).all()))
+        keep = np.asarray(keep, dtype=bool)
+        if not keep.any():
+            raise CDSRDataError(f"train_min_items_per_domain {k}: no training sequence has {k} items of every "
+                                "domain")
+        self.logger.info(f"train_min_items_per_domain {k}: {int(keep.sum())} of {len(keep)} training sequences "
+                         "kept (the others lack items of a domain)")
+        return uid[keep], [h for h, m in zip(hist, keep) if m], target[keep]
 
     def split_names(self):
         return list(self.benchmark_filename_list)

@@ -284,34 +284,51 @@ class PublicSASRecEncoder(nn.Module):
     Rows are left-aligned here (real items first, then 0s), so a row can be cut to any
     width that holds its items (length buckets) and the function stays the same: the
     padded slots enter only as a count. ``forward`` returns [B, W, H] in the input's layout.
+
+    The same blocks serve C2DSR's public encoder (the same port), which differs only in what
+    goes in: ``n_items=0`` (no item table: the caller gives ``item_emb``), positions the
+    caller gives (``position_padding_idx=0``: position 0 is a zero vector), a ``keep`` mask
+    of the slots that are real in a view, and ``xavier=False`` (torch's default
+    initialisations, as C2DSR's public code leaves them).
     """
 
-    def __init__(self, n_items, hidden_size=64, max_len=50, n_layers=2, n_heads=1, dropout=0.5, eps=1e-8):
+    def __init__(self, n_items, hidden_size=64, max_len=50, n_layers=2, n_heads=1, dropout=0.5, eps=1e-8,
+                 position_padding_idx=None, xavier=True):
         super().__init__()
         self.max_len = max_len
         self.scale = hidden_size**0.5
-        self.item_embedding = nn.Embedding(n_items, hidden_size, padding_idx=0)
-        self.position_embedding = nn.Embedding(max_len, hidden_size)
+        self.item_embedding = nn.Embedding(n_items, hidden_size, padding_idx=0) if n_items else None
+        self.position_embedding = nn.Embedding(max_len, hidden_size, padding_idx=position_padding_idx)
         self.dropout = FastDropout(dropout)
         self.attention_layernorms = nn.ModuleList([nn.LayerNorm(hidden_size, eps=eps) for _ in range(n_layers)])
         self.attention_layers = nn.ModuleList([PadKeyAttention(hidden_size, n_heads, dropout) for _ in range(n_layers)])
         self.forward_layernorms = nn.ModuleList([nn.LayerNorm(hidden_size, eps=eps) for _ in range(n_layers)])
         self.forward_layers = nn.ModuleList([PointWiseFeedForward(hidden_size, dropout) for _ in range(n_layers)])
         self.last_layernorm = nn.LayerNorm(hidden_size, eps=eps)
-        xavier_normal_weights(self)
+        if xavier:
+            xavier_normal_weights(self)
         with torch.no_grad():
-            self.item_embedding.weight[0].zero_()
+            if self.item_embedding is not None:
+                self.item_embedding.weight[0].zero_()
+            if position_padding_idx is not None:
+                self.position_embedding.weight[position_padding_idx].zero_()
 
-    def forward(self, item_seq, item_emb=None):
+    def forward(self, item_seq, item_emb=None, positions=None, keep=None):
+        """``item_seq`` [B, W] left-aligned (0 = padding); ``item_emb`` [B, W, H] instead of
+        the item table's rows; ``positions`` [B, W] instead of the window positions; ``keep``
+        [B, W] bool: the slots that are real (default: ``item_seq > 0``); the others are
+        zeroed like padding and, as in the public code, still offer their keys."""
         B, W = item_seq.shape
         if W > self.max_len:
             raise ValueError(f"rows of {W} items exceed the backbone's window of {self.max_len}")
-        keep = (item_seq > 0).unsqueeze(-1)
-        n = keep.sum(1).view(B)
-        pos = ((self.max_len - n).unsqueeze(1) + torch.arange(W, device=item_seq.device)).clamp(max=self.max_len - 1)
+        n = (item_seq > 0).sum(1)
+        keep = (item_seq > 0 if keep is None else keep).unsqueeze(-1)
+        if positions is None:
+            positions = ((self.max_len - n).unsqueeze(1) + torch.arange(W, device=item_seq.device)).clamp(
+                max=self.max_len - 1)
         if item_emb is None:
             item_emb = self.item_embedding(item_seq)
-        x = self.dropout(item_emb * self.scale + self.position_embedding(pos)) * keep
+        x = self.dropout(item_emb * self.scale + self.position_embedding(positions)) * keep
         n_pad = (self.max_len - n).to(x.dtype)
         for ln_a, attn, ln_f, ffn in zip(self.attention_layernorms, self.attention_layers,
                                          self.forward_layernorms, self.forward_layers):

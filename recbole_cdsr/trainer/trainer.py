@@ -67,6 +67,19 @@ class CDSRTrainer(Trainer):
             self.checkpoint_dir, f"{config['model']}-{config['dataset']}-seed{config['seed']}-{stamp}"
         )
 
+    def _build_optimizer(self, **kwargs):
+        """RecBole's optimiser, with Adam's betas from ``adam_betas`` when it is set (RecBole
+        fixes torch's default (0.9, 0.999))."""
+        betas = self.config["adam_betas"]
+        learner = str(kwargs.get("learner", self.config["learner"])).lower()
+        if betas is None or learner not in ("adam", "adamw"):
+            return super()._build_optimizer(**kwargs)
+        params = kwargs.pop("params", self.model.parameters())
+        cls = torch.optim.Adam if learner == "adam" else torch.optim.AdamW
+        return cls(params, lr=kwargs.pop("learning_rate", self.config["learning_rate"]),
+                   weight_decay=kwargs.pop("weight_decay", self.config["weight_decay"]) or 0.0,
+                   betas=tuple(float(b) for b in betas))
+
     # -- setup -----------------------------------------------------------------------
     def _setup(self, dataset):
         if self.protocol is None:
