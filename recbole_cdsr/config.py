@@ -85,6 +85,9 @@ CONFIG_SCHEMA = {
     "c2dsr_lambda": (_NUM, None),
     "c2dsr_loss_positions": (_INT, None),
     "c2dsr_resample_corruption": (_BOOL, None),
+    "urllm_attr_size": (_INT, None),
+    "urllm_gamma": (_NUM, None),
+    "urllm_noise": (_NUM, None),
     "show_progress": (_BOOL, None),
     # LLMCDSR
     "llmcdsr_mode": (_STR, ("full", "backbone_only", "random_recall", "no_meta")),
@@ -143,6 +146,9 @@ RANGES = {
     "c2dsr_gnn_layers": (0, False, None, False),
     "c2dsr_lambda": (0, False, 1, False),
     "c2dsr_loss_positions": (1, False, None, False),
+    "urllm_attr_size": (1, False, None, False),
+    "urllm_gamma": (0, False, 1, False),
+    "urllm_noise": (0, False, None, False),
     # LLMCDSR
     "length_buckets": (1, False, None, False),
     "bucket_overhead": (0, False, None, False),

@@ -15,6 +15,7 @@ PLUGIN_MODELS = {
     "LLMCDSR": "recbole_cdsr.model.llmcdsr:LLMCDSR",
     "LeCDSR": "recbole_cdsr.model.lecdsr:LeCDSR",
     "C2DSR": "recbole_cdsr.model.c2dsr:C2DSR",
+    "URLLM": "recbole_cdsr.model.urllm:URLLM",
 }
 
 #: Trainers of plugin models that need their own: name -> "module:Class".

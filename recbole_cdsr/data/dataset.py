@@ -157,6 +157,20 @@ class CDSRDataset(SequentialDataset):
         table[ids[keep]] = emb[keep]
         return torch.from_numpy(table)
 
+    def item_titles(self):
+        """The title of every internal item id (padding and items without one: ""), read
+        from the ``.item`` file (RecBole does not load the column)."""
+        from recbole_cdsr.data.atomic import read_item_titles
+
+        tokens, _, titles = read_item_titles(os.path.join(self.dataset_path, f"{self.dataset_name}.item"))
+        tok2id = self.field2token_id[self.iid_field]
+        out = [""] * self.item_num
+        for tok, title in zip(tokens, titles):
+            i = tok2id.get(str(tok))
+            if i is not None:
+                out[i] = str(title)
+        return out
+
     def domain_mask(self):
         """Bool tensor [n_domains, item_num]: which items belong to each domain."""
         m = torch.zeros(len(self.domain_names), self.item_num, dtype=torch.bool)

@@ -121,13 +121,14 @@ class C2DSR(SequentialRecommender):
         self.item_emb_a = nn.Embedding(self.n_items, H, padding_idx=0)
         self.item_emb_b = nn.Embedding(self.n_items, H, padding_idx=0)
         self.gcn = nn.ModuleList([ParamFreeGCN(H, config["c2dsr_gnn_layers"], p) for _ in range(3)])
-        enc = dict(hidden_size=H, max_len=window, n_layers=config["n_layers"], n_heads=config["n_heads"],
-                   dropout=p, position_padding_idx=0, xavier=False)
+        width = self.token_width(config)
+        enc = dict(hidden_size=width, max_len=window, n_layers=config["n_layers"], n_heads=config["n_heads"],
+                   dropout=p, position_padding_idx=0, xavier=False, input_scale=H**0.5)
         self.encoders = nn.ModuleList([PublicSASRecEncoder(0, **enc) for _ in range(3)])  # mixed, A, B
-        self.lin_x = nn.Linear(H, len(dom_items[0]))
-        self.lin_y = nn.Linear(H, len(dom_items[1]))
-        self.lin_pad = nn.Linear(H, 1)
-        self.disc = nn.ModuleList([nn.Bilinear(H, H, 1) for _ in range(2)])  # D_X, D_Y
+        self.lin_x = nn.Linear(width, len(dom_items[0]))
+        self.lin_y = nn.Linear(width, len(dom_items[1]))
+        self.lin_pad = nn.Linear(width, 1)
+        self.disc = nn.ModuleList([nn.Bilinear(width, width, 1) for _ in range(2)])  # D_X, D_Y
         for d in self.disc:
             nn.init.xavier_uniform_(d.weight)
             nn.init.zeros_(d.bias)
@@ -141,24 +142,35 @@ class C2DSR(SequentialRecommender):
         self.register_buffer("corrupt_u", torch.rand(dataset.user_num, self.max_seq_length, generator=gen),
                              persistent=False)
 
-    # -- encoding -------------------------------------------------------------------------
+    # -- encoding (the hooks a model built on C2DSR changes) -------------------------------
+    def token_width(self, config):
+        """Width of the encoders' tokens: H."""
+        return config["hidden_size"]
+
     def tables(self):
         """The three propagated item tables (mixed over ``adj``; A and B over ``adj_single``)."""
         return (self.gcn[0](self.item_emb.weight, self.adj), self.gcn[1](self.item_emb_a.weight, self.adj_single),
                 self.gcn[2](self.item_emb_b.weight, self.adj_single))
 
-    def encode(self, seq, tables, which=(0, 1, 2)):
-        """States [B, W, H] of the mixed encoder (0), the A view (1) and the B view (2) for
-        left-aligned ``seq`` [B, W]."""
+    def tokens(self, k, seq, tables, corrupted=False):
+        """Input of encoder ``k`` (0 mixed, 1 A view, 2 B view) before the sqrt(H) scaling:
+        propagated + raw embedding [B, W, H] (a corrupted sequence is no different here)."""
+        raw = (self.item_emb, self.item_emb_a, self.item_emb_b)[k]
+        return tables[k][seq] + raw(seq)
+
+    def encode(self, seq, tables, which=(0, 1, 2), corrupted=False):
+        """States [B, W, width] of the mixed encoder (0), the A view (1) and the B view (2) for
+        left-aligned ``seq`` [B, W]; ``corrupted``: ``seq`` is a corrupted sequence (C2DSR
+        encodes it as any other)."""
         real = seq > 0
         dom = self.item_domain[seq]
         slots = torch.arange(1, seq.shape[1] + 1, device=seq.device)
-        raw = (self.item_emb, self.item_emb_a, self.item_emb_b)
         out = []
         for k in which:
             keep = real if k == 0 else dom == k - 1
             pos = torch.where(keep, slots if k == 0 else keep.cumsum(1), 0)
-            out.append(self.encoders[k](seq, item_emb=tables[k][seq] + raw[k](seq), positions=pos, keep=keep))
+            out.append(self.encoders[k](seq, item_emb=self.tokens(k, seq, tables, corrupted), positions=pos,
+                                        keep=keep))
         return out
 
     @staticmethod
@@ -181,8 +193,13 @@ class C2DSR(SequentialRecommender):
         return torch.where(self.item_domain[seq] == d, rand, seq)
 
     # -- training -------------------------------------------------------------------------
+    def extra_losses(self, seq, tables):
+        """Terms a model built on C2DSR adds (C2DSR: none)."""
+        return ()
+
     def losses(self, interaction):
-        """``(share_x, share_y, x, y, mi_x, mi_y)``: the six terms of the public loss."""
+        """``(share_x, share_y, x, y, mi_x, mi_y)``: the six terms of the public loss, then
+        :meth:`extra_losses`."""
         hist, n = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         W = int(n.max())
         seq = hist[:, :W]
@@ -211,18 +228,19 @@ class C2DSR(SequentialRecommender):
         x = ce(h_mix + h_a, self.lin_x, h_a, tail & pool_a, next_a)
         y = ce(h_mix + h_b, self.lin_y, h_b, tail & pool_b, next_b)
 
+        extra = self.extra_losses(seq, tables)
         both = pool_a.any(1) & pool_b.any(1)  # rows with a view target in each domain
         if not both.any():
             zero = h_mix.sum() * 0
-            return share_x, share_y, x, y, zero, zero
+            return (share_x, share_y, x, y, zero, zero) + extra
 
         def pool(h, m):
             w = m[both].float()
             return (h[both] * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
 
         uid = interaction[self.USER_ID]
-        (h_false_a,) = self.encode(self.corrupt(seq, uid, 0), tables, which=(0,))  # A items randomised
-        (h_false_b,) = self.encode(self.corrupt(seq, uid, 1), tables, which=(0,))  # B items randomised
+        (h_false_a,) = self.encode(self.corrupt(seq, uid, 0), tables, which=(0,), corrupted=True)  # A randomised
+        (h_false_b,) = self.encode(self.corrupt(seq, uid, 1), tables, which=(0,), corrupted=True)  # B randomised
         r_a, r_b = pool(h_a, pool_a), pool(h_b, pool_b)
         real_on_b, real_on_a = pool(h_mix, pool_b), pool(h_mix, pool_a)
         bce = F.binary_cross_entropy_with_logits
@@ -233,7 +251,7 @@ class C2DSR(SequentialRecommender):
 
         mi_x = mi(self.disc[0], r_a, real_on_b, pool(h_false_a, pool_b))
         mi_y = mi(self.disc[1], r_b, real_on_a, pool(h_false_b, pool_a))
-        return share_x, share_y, x, y, mi_x, mi_y
+        return (share_x, share_y, x, y, mi_x, mi_y) + extra
 
     def calculate_loss(self, interaction):
         share_x, share_y, x, y, mi_x, mi_y = self.losses(interaction)

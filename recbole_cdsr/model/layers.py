@@ -289,14 +289,15 @@ class PublicSASRecEncoder(nn.Module):
     goes in: ``n_items=0`` (no item table: the caller gives ``item_emb``), positions the
     caller gives (``position_padding_idx=0``: position 0 is a zero vector), a ``keep`` mask
     of the slots that are real in a view, and ``xavier=False`` (torch's default
-    initialisations, as C2DSR's public code leaves them).
+    initialisations, as C2DSR's public code leaves them); ``input_scale`` replaces sqrt(H)
+    (URLLM scales its 2d-wide tokens by sqrt(d)).
     """
 
     def __init__(self, n_items, hidden_size=64, max_len=50, n_layers=2, n_heads=1, dropout=0.5, eps=1e-8,
-                 position_padding_idx=None, xavier=True):
+                 position_padding_idx=None, xavier=True, input_scale=None):
         super().__init__()
         self.max_len = max_len
-        self.scale = hidden_size**0.5
+        self.scale = hidden_size**0.5 if input_scale is None else float(input_scale)
         self.item_embedding = nn.Embedding(n_items, hidden_size, padding_idx=0) if n_items else None
         self.position_embedding = nn.Embedding(max_len, hidden_size, padding_idx=position_padding_idx)
         self.dropout = FastDropout(dropout)
