@@ -23,6 +23,20 @@ def base_config(tmp, **kw):
     return d
 
 
+def setup_model(model, tmp, data_path, dataset="fk-slice", **kw):
+    """``(config, dataset, (train, valid, test), model)`` of ``model`` on ``dataset``, seeded."""
+    from recbole.utils import init_seed
+
+    from recbole_cdsr.config import CDSRConfig
+    from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset
+
+    cfg = CDSRConfig(model, dataset, config_dict=base_config(tmp, data_path=data_path, **kw))
+    init_seed(cfg["seed"], True)
+    ds = create_cdsr_dataset(cfg, cfg.model_class)
+    loaders = cdsr_data_preparation(cfg, ds)
+    return cfg, ds, loaders, cfg.model_class(cfg, loaders[0].dataset)
+
+
 def pretrain_hp(**kw):
     """Stage 2's hyper-parameters as a default LLMCDSR run has them, with ``kw`` on top."""
     from recbole_cdsr.config import CDSRConfig

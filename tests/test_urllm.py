@@ -6,21 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import base_config
-from recbole.utils import init_seed
-from recbole_cdsr.config import CDSRConfig
-from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset
+from conftest import setup_model
 from recbole_cdsr.model.urllm import attribute_graph, attribute_words, normalise_text
 
 SMALL = dict(hidden_size=16, urllm_attr_size=6, eval_neg_num=50, train_batch_size=64)
 
 
 def _setup(tmp, data, **kw):
-    cfg = CDSRConfig("URLLM", "fk-slice", config_dict=base_config(tmp, data_path=data, **dict(SMALL, **kw)))
-    init_seed(cfg["seed"], True)
-    ds = create_cdsr_dataset(cfg, cfg.model_class)
-    train, valid, test = cdsr_data_preparation(cfg, ds)
-    return cfg, ds, (train, valid, test), cfg.model_class(cfg, train.dataset)
+    return setup_model("URLLM", tmp, data, **dict(SMALL, **kw))
 
 
 def test_attribute_words_by_the_public_rule():
