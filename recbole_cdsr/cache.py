@@ -30,6 +30,18 @@ logger = logging.getLogger(__name__)
 MANIFEST_FORMAT = 1
 
 
+def sha256_path(path):
+    """sha256 of a file, or of a folder: over its files' relative paths and sha256s, sorted."""
+    if not os.path.isdir(path):
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for f in sorted(files):
+            full = os.path.join(root, f)
+            h.update(os.path.relpath(full, path).replace(os.sep, "/").encode() + b"\0" + sha256_file(full).encode())
+    return h.hexdigest()
+
+
 def identity_tag(identity):
     """First 12 hex digits of the sha256 of ``identity`` as canonical JSON."""
     return hashlib.sha256(json.dumps(to_jsonable(identity), sort_keys=True).encode()).hexdigest()[:12]
@@ -42,7 +54,7 @@ class Artefact:
         directory (str): where the file and its manifest live (usually the dataset folder).
         stem (str): the name before the tag, e.g. ``food-kitchen.pseudo``.
         identity (dict): everything the file is built from (JSON values).
-        suffix (str): ``.npz``, ``.npy`` or ``.json``.
+        suffix (str): ``.npz``, ``.npy``, ``.json``, or a folder's suffix (:meth:`write_folder`).
         tag (str): a readable tag instead of the identity's hash.
     """
 
@@ -57,7 +69,7 @@ class Artefact:
         """``(manifest, None)`` when the file is complete and built from this identity;
         ``(None, None)`` when it was never written; ``(None, reason)`` when the file or its
         manifest is there but cannot be trusted."""
-        if not os.path.isfile(self.path):
+        if not os.path.exists(self.path):
             return None, None  # never written (or removed): a manifest alone is simply replaced
         if not os.path.isfile(self.manifest_path):
             return None, f"{self.path} has no manifest (an interrupted write)"
@@ -73,7 +85,7 @@ class Artefact:
             keys = sorted(k for k in set(self.identity) | set(stored or {})
                           if (stored or {}).get(k) != self.identity.get(k))
             return None, f"{self.path} was built from other inputs (differs in: {', '.join(keys)})"
-        if m.get("sha256") != sha256_file(self.path):
+        if m.get("sha256") != sha256_path(self.path):
             return None, f"{self.path} is not the file its manifest describes (changed after it was written)"
         return m, None
 
@@ -91,6 +103,28 @@ class Artefact:
         atomic_write_bytes(self.path, data)
         manifest = dict(to_jsonable(record), manifest_format=MANIFEST_FORMAT, identity=self.identity,
                         file=os.path.basename(self.path), sha256=sha256_file(self.path))
+        atomic_write_json(self.manifest_path, manifest)
+        return manifest
+
+    def write_folder(self, build, **record):
+        """``build(folder)`` fills a temporary folder beside ``path``, which is then renamed to
+        ``path`` (an earlier folder of that name is replaced); then the manifest."""
+        import shutil
+        import tempfile
+
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(self.path) + ".", dir=parent)
+        try:
+            build(tmp)
+            if os.path.isdir(self.path):
+                shutil.rmtree(self.path)
+            os.replace(tmp, self.path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        manifest = dict(to_jsonable(record), manifest_format=MANIFEST_FORMAT, identity=self.identity,
+                        file=os.path.basename(self.path), sha256=sha256_path(self.path))
         atomic_write_json(self.manifest_path, manifest)
         return manifest
 

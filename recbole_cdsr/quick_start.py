@@ -19,7 +19,7 @@ from recbole.utils import init_logger, init_seed
 from recbole_cdsr.config import CDSRConfig
 from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset, ensure_atomic_files
 from recbole_cdsr.model.layers import fast_layers
-from recbole_cdsr.registry import get_stages, get_trainer
+from recbole_cdsr.registry import get_after_training, get_stages, get_trainer
 from recbole_cdsr.utils import (
     atomic_write_json,
     disable_anomaly_detection,
@@ -150,6 +150,8 @@ def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=No
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"], verbose=verbose
     )
+    after = get_after_training(config["model"])
+    after_record = after(config, trainer, train_data, valid_data, test_data) if after and evaluate_test else None
     t_test = time()
     test_result, test_ranks = None, None
     if evaluate_test:
@@ -194,6 +196,7 @@ def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=No
         },
         "num_parameters": int(sum(p.numel() for p in net.parameters())),
         "stages": stages,
+        "after_training": after_record,
         "timing": {
             "stage_seconds": stage_seconds,
             "data_seconds": data_seconds,

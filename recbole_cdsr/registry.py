@@ -30,6 +30,12 @@ PLUGIN_STAGES = {
     "LeCDSR": "recbole_cdsr.stages.lecdsr:prepare",
 }
 
+#: Stages that run after a plugin model has trained (before the test split is ranked):
+#: name -> "module:function(config, trainer, train_data, valid_data, test_data) -> record".
+PLUGIN_AFTER_TRAINING = {
+    "URLLM": "recbole_cdsr.stages.urllm:after_training",
+}
+
 #: RecBole sequential models that cannot be scored under the protocol, with the reason.
 UNSUPPORTED_RECBOLE_MODELS = {
     "SASRecCPR": "its predict is not implemented in RecBole 1.2.1 (assert False)",
@@ -103,4 +109,10 @@ def get_trainer(model_name):
 def get_stages(model_name):
     """``prepare(config) -> (config updates, record)`` of ``model_name``'s stages, or None."""
     spec = PLUGIN_STAGES.get(model_name)
+    return _load(spec) if spec else None
+
+
+def get_after_training(model_name):
+    """The stage ``model_name`` runs after training (before the test split), or None."""
+    spec = PLUGIN_AFTER_TRAINING.get(model_name)
     return _load(spec) if spec else None

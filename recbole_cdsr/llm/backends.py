@@ -49,11 +49,12 @@ class BackendError(ValueError):
 
 
 DECODINGS = ("greedy", "model")
+HF_DECODINGS = DECODINGS + ("beam",)  # beam search: a local model only (a server gives no beams)
 
 
-def check_decoding(decoding):
-    if decoding not in DECODINGS:
-        raise BackendError(f"llm_decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
+def check_decoding(decoding, allowed=DECODINGS):
+    if decoding not in allowed:
+        raise BackendError(f"llm_decoding must be one of {', '.join(allowed)}, got {decoding!r}")
     return decoding
 
 
@@ -221,13 +222,14 @@ class HFBackend:
     """
 
     def __init__(self, model_path, device="cpu", batch_size=8, max_new_tokens=500, seed=0, decoding="greedy",
-                 prompt_format="template", max_input_tokens=None, dtype=None, trust_remote_code=False):
+                 prompt_format="template", max_input_tokens=None, dtype=None, trust_remote_code=False,
+                 adapter_path=None, num_beams=4):
         if not os.path.isdir(model_path):
             raise BackendError(
                 f"llm_model_path {model_path!r} is not a folder with a transformers model "
                 "(this project loads models from local paths only)"
             )
-        self.decoding = check_decoding(decoding)
+        self.decoding = check_decoding(decoding, HF_DECODINGS)
         if prompt_format not in PROMPT_FORMATS:
             raise BackendError(f"llm_prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
         if dtype is not None and dtype not in DTYPES:
@@ -248,6 +250,15 @@ class HFBackend:
             self.model = AutoModelForCausalLM.from_pretrained(model_path, **load).to(device)
         except Exception as e:
             raise BackendError(f"cannot load a causal LM from {model_path}: {type(e).__name__}: {e}") from None
+        self.adapter_path = adapter_path
+        if adapter_path is not None:
+            try:
+                from peft import PeftModel
+
+                self.model = PeftModel.from_pretrained(self.model, adapter_path).to(device)
+            except Exception as e:
+                raise BackendError(f"cannot load LoRA adapters from {adapter_path}: {type(e).__name__}: {e}") from None
+        self.num_beams = int(num_beams)
         self.torch = torch
         self.model.eval()
         self.model_path = model_path
@@ -293,6 +304,12 @@ class HFBackend:
             ident["max_input_tokens"] = self.max_input_tokens
         if self.dtype is not None:
             ident["dtype"] = self.dtype
+        if self.decoding == "beam":
+            ident.update(decoding="beam", num_beams=self.num_beams)
+        if self.adapter_path is not None:
+            from recbole_cdsr.cache import sha256_path
+
+            ident["adapters_sha256"] = sha256_path(self.adapter_path)
         return ident
 
     def _cut(self, text):
@@ -335,6 +352,8 @@ class HFBackend:
               "remove_invalid_values": True}
         if self.decoding == "greedy":
             kw.update(do_sample=False, num_beams=1)
+        elif self.decoding == "beam":
+            kw.update(do_sample=False, num_beams=self.num_beams)
         return kw  # decoding "model": everything else from model.generation_config
 
     def _batch_seed(self, chunk):

@@ -258,9 +258,11 @@ class C2DSR(SequentialRecommender):
         return self.lam * (share_x + share_y + x + y) + (1 - self.lam) * (mi_x + mi_y)
 
     # -- scoring --------------------------------------------------------------------------
-    def full_sort_predict(self, interaction):
-        """[B, n_items]: A items scored by ``lin_x``, B items by ``lin_y`` (padding -inf); the
-        protocol ranks a target among the items of its own domain."""
+    def user_states(self, interaction):
+        """``(A vector, B vector)`` [B, width] of each row: the mixed state at the last input
+        plus the view's state at the last input of that domain (the last input when there is
+        none: a blank slot, as in the public code). They score the domain's items and, in
+        URLLM, represent the user for retrieval."""
         hist, n = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         seq = hist[:, : int(n.max())]
         h_mix, h_a, h_b = self.encode(seq, self.tables())
@@ -269,14 +271,20 @@ class C2DSR(SequentialRecommender):
         dom = self.item_domain[seq]
         slot = torch.arange(seq.shape[1], device=seq.device)
 
-        def last_of(d):  # the last slot of domain d; the last input when there is none (a blank slot)
+        def last_of(d):
             at = torch.where(dom == d, slot, -1).max(1).values
             return torch.where(at >= 0, at, last)
 
         m = h_mix[rows, last]
-        scores = torch.full((len(seq), self.n_items), float("-inf"), device=seq.device)
-        scores[:, self.items_a] = self.lin_x(m + h_a[rows, last_of(0)])
-        scores[:, self.items_b] = self.lin_y(m + h_b[rows, last_of(1)])
+        return m + h_a[rows, last_of(0)], m + h_b[rows, last_of(1)]
+
+    def full_sort_predict(self, interaction):
+        """[B, n_items]: A items scored by ``lin_x``, B items by ``lin_y`` (padding -inf); the
+        protocol ranks a target among the items of its own domain."""
+        u_a, u_b = self.user_states(interaction)
+        scores = torch.full((len(u_a), self.n_items), float("-inf"), device=u_a.device)
+        scores[:, self.items_a] = self.lin_x(u_a)
+        scores[:, self.items_b] = self.lin_y(u_b)
         return scores
 
     def predict(self, interaction):

@@ -25,8 +25,9 @@ it reuses) with a second, item-attribute graph:
   public window, padding included;
 - loss = ``urllm_gamma`` x [C2DSR's loss] + (1 - ``urllm_gamma``) x (the two alignment terms).
 
-The LLM part of URLLM (retrieval, prompt, fine-tuning, refinement) is not here: this model
-is its dual-graph recommender (docs/urllm.md).
+The LLM part of URLLM (retrieval, prompt, fine-tuning, generation, refinement) runs after
+training (:mod:`recbole_cdsr.stages.urllm`) and sets ``llm_item``: the item each test user
+is recommended, ranked first, before the dual-graph ranking (docs/urllm.md).
 """
 
 import re
@@ -95,6 +96,9 @@ class URLLM(C2DSR):
         self.register_buffer("adj_att", attribute_graph(words, vocab), persistent=False)
         self.item_emb_att = nn.Embedding(self.n_items + self.n_words, self.attr_size, padding_idx=0)
         self.gcn_att = ParamFreeGCN(self.attr_size, config["c2dsr_gnn_layers"], config["dropout_prob"])
+        # the item the LLM stage recommends to each (evaluation) user; 0: none. It is ranked
+        # first, the dual-graph ranking follows (recbole_cdsr.stages.urllm)
+        self.register_buffer("llm_item", torch.zeros(dataset.user_num, dtype=torch.long), persistent=False)
         self.lin_align = nn.Linear(self.attr_size, self.d)  # raw rows of every view; propagated rows of M
         self.lin_align_view = nn.ModuleList([nn.Linear(self.attr_size, self.d) for _ in range(2)])  # A, B
 
@@ -136,6 +140,14 @@ class URLLM(C2DSR):
             total = per_slot[real].sum() + (n_pad.to(per_slot.dtype) * pad_term).sum()
             out.append(total / (len(seq) * self.window * self.d))
         return tuple(out)
+
+    def full_sort_predict(self, interaction):
+        """The dual-graph scores, with the LLM stage's item (if any) of each user first."""
+        scores = super().full_sort_predict(interaction)
+        item = self.llm_item[interaction[self.USER_ID]]
+        rows = torch.nonzero(item > 0).view(-1)
+        scores[rows, item[rows]] = float("inf")
+        return scores
 
     def calculate_loss(self, interaction):
         share_x, share_y, x, y, mi_x, mi_y, align_a, align_b = self.losses(interaction)

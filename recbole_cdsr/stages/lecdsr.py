@@ -39,7 +39,7 @@ import os
 import numpy as np
 
 from recbole_cdsr.cache import Artefact
-from recbole_cdsr.data.atomic import read_rows
+from recbole_cdsr.data.atomic import domain_labels, read_rows
 from recbole_cdsr.llm.encoders import encode_in_parts
 from recbole_cdsr.utils import sha256_file
 
@@ -78,16 +78,6 @@ def profile_items(dataset_dir, name):
         for user, items in seen_here.items():
             out.setdefault(user, items)
     return {u: list(dict.fromkeys(items)) for u, items in out.items()}
-
-
-def domain_labels(dataset_dir, name):
-    """Domain token -> readable name (the converter's manifest), else the token itself."""
-    path = os.path.join(dataset_dir, f"{name}.manifest.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            doms = json.load(f).get("domains") or {}
-        return {str(k): str(v) for k, v in doms.items()}
-    return {}
 
 
 def item_lines(items, info, labels):
