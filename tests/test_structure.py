@@ -96,9 +96,11 @@ def test_llm_tools_and_stages_keep_their_direction():
 
 
 def test_every_model_with_stages_has_them_through_the_registry():
-    from recbole_cdsr.registry import PLUGIN_MODELS, PLUGIN_STAGES, get_stages
+    from recbole_cdsr.registry import PLUGIN_AFTER_TRAINING, PLUGIN_MODELS, PLUGIN_STAGES, get_after_training, get_stages
 
     assert set(PLUGIN_STAGES) <= set(PLUGIN_MODELS) and {"LLMCDSR", "LeCDSR"} <= set(PLUGIN_STAGES)
     for name in PLUGIN_STAGES:
         assert callable(get_stages(name))
     assert get_stages("SASRec") is None and get_stages("C2DSR") is None
+    assert set(PLUGIN_AFTER_TRAINING) <= set(PLUGIN_MODELS) and callable(get_after_training("URLLM"))
+    assert get_after_training("C2DSR") is None

@@ -86,6 +86,8 @@ def test_one_command_on_real_food_kitchen_slice(tmp_path, slice_data):
     res = json.loads(open(os.path.join(tmp_path / "r", os.listdir(tmp_path / "r")[0])).read())
     assert res["model"] == "URLLM" and res["timing"]["epochs_trained"] == 2 and len(res["valid_history"]) == 2
     assert np.isfinite(res["test"]["full"]["B/mrr@10"])
+    # no LLM configured: the dual-graph model alone, and the results file says so
+    assert res["after_training"] == {"llm": None, "note": "no LLM configured: the dual-graph model alone"}
 
 
 # -- the LLM stage ------------------------------------------------------------------------
