@@ -27,6 +27,8 @@ def main(argv=None):
     parser.add_argument("--ray_address", type=str, default=None, help="Ray cluster address (default: local Ray)")
     parser.add_argument("--models", type=str, default=None,
                         help="benchmark: run only these model names of the file (comma-separated)")
+    parser.add_argument("--report", action="store_true",
+                        help="benchmark: write its leaderboards from the recorded results; run nothing")
     parser.add_argument("--jobs", type=int, default=None,
                         help="benchmark, local executor: runs side by side (default: the file's jobs, else 1)")
     parser.add_argument("--tune", type=str, default=None, choices=["exhaustive", "random", "bayes"],
@@ -49,17 +51,20 @@ def main(argv=None):
         try:
             only = [m.strip() for m in args.models.split(",") if m.strip()] if args.models is not None else None
             out = run_benchmark(args.benchmark, executor=args.executor, ray_address=args.ray_address, only=only,
-                                jobs=args.jobs)
+                                jobs=args.jobs, report_only=args.report)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        if out["failed"]:
+        if out["failed"] and args.report:
+            print(f"{len(out['failed'])} planned runs have no finished result yet (not in the leaderboard): "
+                  + ", ".join(out["failed"]), file=sys.stderr)
+        elif out["failed"]:
             print(f"{len(out['failed'])} runs failed (recorded in {out['results_file']}): "
                   + ", ".join(out["failed"]), file=sys.stderr)
             return 1
         return 0
-    if args.jobs is not None:
-        parser.error("--jobs sets the runs side by side of a --benchmark")
+    if args.jobs is not None or args.report:
+        parser.error("--jobs and --report apply to a --benchmark")
     if args.models is not None:
         parser.error("--models selects models of a --benchmark file (use --model for one run)")
     if args.tune:

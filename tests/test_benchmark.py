@@ -108,6 +108,31 @@ def test_matrix_runs_rerun_does_nothing_and_a_deleted_line_reruns_exactly_that_r
     text = md.read_text()
     assert "runs come from 2 versions of the code" in text and f"0123456789ab: 1 runs (e.g. {new[0]['run_key']})" in text
 
+    # --report rewrites the leaderboards from the recorded lines and runs nothing, even with a
+    # line missing (that run is listed as without a result)
+    from run_recbole_cdsr import main
+
+    os.remove(md)
+    with open(res, "w") as f:
+        f.writelines(json.dumps(ln) + "\n" for ln in new[1:])
+    assert main([f"--benchmark={spec}", "--report"]) == 0
+    assert len(read_lines(res)) == 3 and md.read_text() != text
+    assert f"without a finished result (failed or not run yet): {new[0]['run_key']}" in md.read_text()
+    assert "| stopped by | epochs |" in md.read_text() and "| cap x2 | 2 |" in md.read_text()
+
+
+def test_stop_reasons_and_epochs_of_a_models_runs():
+    from recbole_cdsr.benchmark.leaderboard import stopping
+
+    lines = [{"timing": {"stop_reason": "early_stopping", "epochs_trained": 24}},
+             {"timing": {"stop_reason": "early_stopping", "epochs_trained": 31}},
+             {"timing": {"train_epoch_seconds": [1.0] * 30}, "config": {"epochs": 30}},  # before reasons: cap
+             {"timing": {"train_epoch_seconds": [1.0] * 12}, "config": {"epochs": 30}},  # ... early
+             {"timing": {"stopped_by_budget": True, "train_epoch_seconds": [1.0] * 2}},
+             {"timing": {"stop_reason": "interrupted", "epochs_trained": 5}}]
+    assert stopping(lines) == ("early x3, cap x1, budget x1, interrupted x1", "2-31")
+    assert stopping(lines[:1]) == ("early x1", "24")
+
 
 @pytest.mark.slow
 def test_failing_model_is_recorded_and_the_others_finish(tmp_path, syn_data, capsys):

@@ -4,7 +4,7 @@ file names a ``readme``, the main tables between that file's markers.
 
 For each dataset, protocol, domain and metric: mean and sample standard deviation
 (``ddof=1``; one seed gives no std) over the seeds of each model; seconds per training
-epoch and the training view; the best mean marked; and a paired two-sided t-test of each
+epoch, the training view, why the runs stopped and how many epochs they trained; the best mean marked; and a paired two-sided t-test of each
 model against the best baseline of that column. The test pairs test instances: each
 instance's metric (from its rank, stored per instance in every results line) is averaged
 over the model's seeds, and the two models' per-instance values are compared with
@@ -115,6 +115,28 @@ def training_view(lines):
     return " / ".join(views)
 
 
+def stopping(lines):
+    """``(why, epochs)`` of a model's runs: each stop reason with its count (``early`` for
+    early stopping, ``cap`` for the epoch cap, ``budget``, ``interrupted``) and the range of
+    epochs trained. Lines written before the reason was recorded: ``budget`` when the budget
+    stopped them, ``cap`` when they trained their config's epochs, else ``early``."""
+    short = {"early_stopping": "early", "epoch_cap": "cap", "budget": "budget", "interrupted": "interrupted"}
+    reasons, epochs = OrderedDict(), []
+    for ln in lines:
+        t = ln.get("timing") or {}
+        n = t.get("epochs_trained") or len(t.get("train_epoch_seconds") or [])
+        why = t.get("stop_reason")
+        if why is None:
+            cap = (ln.get("config") or {}).get("epochs")
+            why = "budget" if t.get("stopped_by_budget") else ("epoch_cap" if cap is not None and n >= cap else
+                                                               "early_stopping")
+        why = short.get(why, why)
+        reasons[why] = reasons.get(why, 0) + 1
+        epochs.append(n)
+    lo, hi = (min(epochs), max(epochs)) if epochs else (0, 0)
+    return ", ".join(f"{w} x{c}" for w, c in reasons.items()), (f"{lo}" if lo == hi else f"{lo}-{hi}")
+
+
 def summarize(spec, dataset, by_name):
     """Rows of one dataset's leaderboard: one dict per (protocol, domain, model, metric)."""
     names = [m.name for m in spec.models if m.name in by_name]
@@ -148,6 +170,7 @@ def summarize(spec, dataset, by_name):
                         significant=(not math.isnan(p) and p < ALPHA),
                         sec_per_epoch=_mean_std([seconds_per_epoch(ln) for ln in by_name[n]])[0],
                         view=training_view(by_name[n]),
+                        stopped=stopping(by_name[n])[0], epochs=stopping(by_name[n])[1],
                     ))
     return rows
 
@@ -196,12 +219,14 @@ def _table(rows, protocol, metrics, timing):
     seeds = {r["model"]: r["seeds"] for r in rows}
     spe = {r["model"]: r["sec_per_epoch"] for r in rows}
     view = {r["model"]: r.get("view", "?") for r in rows}
-    head = ["model"] + [f"{d} {LABEL[m]}" for d in domains for m in metrics] + (["s/epoch", "seeds", "training view"] if timing else [])
+    stop = {r["model"]: (r.get("stopped", "?"), r.get("epochs", "?")) for r in rows}
+    head = ["model"] + [f"{d} {LABEL[m]}" for d in domains for m in metrics] + (
+        ["s/epoch", "seeds", "training view", "stopped by", "epochs"] if timing else [])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in names:
         cells = [n] + [_cell(idx[(protocol, d, n, m)]) for d in domains for m in metrics]
         if timing:
-            cells += ["-" if math.isnan(spe[n]) else f"{spe[n]:.1f}", str(seeds[n]), view[n]]
+            cells += ["-" if math.isnan(spe[n]) else f"{spe[n]:.1f}", str(seeds[n]), view[n], *stop[n]]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -235,7 +260,7 @@ def to_markdown(spec, dataset, rows, missing=None, code=None):
 def to_csv(rows):
     out = io.StringIO()
     fields = ["dataset", "protocol", "domain", "model", "metric", "mean", "std", "seeds", "best",
-              "best_baseline", "p_value", "significant", "sec_per_epoch", "view"]
+              "best_baseline", "p_value", "significant", "sec_per_epoch", "view", "stopped", "epochs"]
     w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in rows:

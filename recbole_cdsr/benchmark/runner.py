@@ -267,7 +267,7 @@ EXECUTORS = ("local", "ray")
 
 
 def run_benchmark(spec, executor="local", ray_address=None, write_reports=True, stream=None, only=None,
-                  jobs=None):
+                  jobs=None, report_only=False):
     """Run (or resume) a benchmark; return a summary dict: ``runs`` (planned), ``skipped``
     (already finished), ``ran``, ``failed`` (run keys of the selected models without a
     finished line), ``results_file``, ``reports`` (:func:`write_leaderboards`), ``tuned``
@@ -278,6 +278,8 @@ def run_benchmark(spec, executor="local", ray_address=None, write_reports=True, 
         executor: ``local`` (one run after the other, each in a child process of its own
             unless the file says ``isolate_runs: false``) or ``ray``.
         ray_address: the Ray cluster to join (default: start a local Ray).
+        report_only: run, time and search nothing; write the leaderboards from the results
+            already recorded (a model without a cached calibration is left out).
         write_reports: write the leaderboards (and the readme's tables) at the end.
         stream: where progress goes (default stdout).
         only: model names (of the file) to run now; the others are neither searched,
@@ -306,23 +308,27 @@ def run_benchmark(spec, executor="local", ray_address=None, write_reports=True, 
         raise BenchmarkError("runs side by side (jobs > 1) need isolate_runs: true")
     stream = stream or sys.stdout
     with OutputLock(spec.output_dir):
-        return _run_locked(spec, executor, ray_address, write_reports, stream, only, selected, names, jobs)
+        return _run_locked(spec, executor, ray_address, write_reports, stream, only, selected, names, jobs,
+                           report_only)
 
 
-def _run_locked(spec, executor, ray_address, write_reports, stream, only, selected, names, jobs):
+def _run_locked(spec, executor, ray_address, write_reports, stream, only, selected, names, jobs,
+                report_only=False):
     fingerprints = prepare_datasets(spec)
     tuned = {}
     planned = set(names)
-    if spec.hyper:
+    if spec.hyper and not report_only:
         tuned = tune_benchmark(spec, fingerprints, stream=stream, names=selected)
         planned -= set(spec.hyper["models"]) - selected  # a search of its own, not run now
-    steps = calibrate_budgets(spec, fingerprints, tuned, names=planned, stream=stream, measure=selected)
+    steps = calibrate_budgets(spec, fingerprints, tuned, names=planned, stream=stream,
+                              measure=set() if report_only else selected)
     if spec.budget.get("minutes") is not None:
         planned = {n for n in planned if all((ds, n) in steps for ds in spec.datasets)}
     runs = plan_runs(spec, fingerprints, tuned, steps, names=planned)
     store = ResultsStore(os.path.join(spec.output_dir, RESULTS_FILE))
     done = finished_keys(store.read())
-    pending = [r for r in runs if (r["run_key"], r["config_hash"]) not in done and r["name"] in selected]
+    pending = [r for r in runs if (r["run_key"], r["config_hash"]) not in done and r["name"] in selected
+               and not report_only]
     skipped = sum(1 for r in runs if (r["run_key"], r["config_hash"]) in done)
     print(
         f"benchmark {spec.name}: {len(runs)} runs ({len(spec.datasets)} datasets x {len(planned)} "
