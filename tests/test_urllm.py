@@ -125,16 +125,17 @@ def test_prompt_of_a_hand_made_pair_of_users():
 def test_refinement_exact_near_and_garbage(minilm):
     import numpy as np
 
-    from recbole_cdsr.stages.urllm import refine
+    from recbole_cdsr.stages.urllm import refine, title_index
 
     titles = ["Cast Iron Skillet, 12 inch", "Stainless Steel Chef Knife", "Bamboo Cutting Board"]
     vec = minilm.encode(titles)
     vec = vec / np.linalg.norm(vec, axis=1, keepdims=True)
-    assert refine("kitchen: cast iron skillet 12 inch</s>", titles, vec, minilm, WORDS.values()) == (0, "exact")
-    assert refine("a steel chefs knife", titles, vec, minilm, WORDS.values()) == (1, "nearest")
-    assert refine("bamboo board for cutting\nmore text", titles, vec, minilm) == (2, "nearest")
+    index = title_index(titles)
+    assert refine("kitchen: cast iron skillet 12 inch</s>", index, vec, minilm, WORDS.values()) == (0, "exact")
+    assert refine("a steel chefs knife", index, vec, minilm, WORDS.values()) == (1, "nearest")
+    assert refine("bamboo board for cutting\nmore text", index, vec, minilm) == (2, "nearest")
     for garbage in ("", "  \n ", "</s>", "!!! ??", None):
-        assert refine(garbage, titles, vec, minilm) == (None, "fallback")
+        assert refine(garbage, index, vec, minilm) == (None, "fallback")
 
 
 def _tiny_lm(path, texts):

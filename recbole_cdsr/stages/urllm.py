@@ -100,20 +100,29 @@ def clean_answer(text, words=()):
     return line
 
 
-def refine(answer, titles, title_vectors, encoder, words=()):
-    """``(index into titles, how)`` of the answer: ``exact`` (the same title after the
-    attribute-word normalisation), ``nearest`` (the highest cosine between the answer's
-    embedding and ``title_vectors``, unit rows), or ``(None, "fallback")`` for an answer
-    without a letter or digit (the caller takes the dual-graph model's top item)."""
+def title_index(titles):
+    """``{normalised title: first index}`` of ``titles`` (built once per domain)."""
+    from recbole_cdsr.model.urllm import normalise_text
+
+    out = {}
+    for i, t in enumerate(titles):
+        out.setdefault(normalise_text(t), i)
+    return out
+
+
+def refine(answer, index, title_vectors, encoder, words=()):
+    """``(index into the titles, how)`` of the answer: ``exact`` (the same title after the
+    attribute-word normalisation; ``index`` from :func:`title_index`), ``nearest`` (the
+    highest cosine between the answer's embedding and ``title_vectors``, unit rows), or
+    ``(None, "fallback")`` for an answer without a letter or digit (the caller takes the
+    dual-graph model's top item)."""
     from recbole_cdsr.model.urllm import normalise_text
 
     text = clean_answer(answer, words)
     if not _USABLE.search(text):
         return None, "fallback"
-    key = normalise_text(text)
-    for i, t in enumerate(titles):
-        if normalise_text(t) == key:
-            return i, "exact"
+    if normalise_text(text) in index:
+        return index[normalise_text(text)], "exact"
     v = np.asarray(encoder.encode([text]), dtype=np.float32)[0]
     return int(np.argmax(title_vectors @ (v / max(np.linalg.norm(v), 1e-12)))), "nearest"
 
@@ -242,11 +251,12 @@ def after_training(config, trainer, train_data, valid_data, test_data):
     counts, hits = {"exact": 0, "nearest": 0, "fallback": 0}, 0
     user_id = ds.field2token_id[ds.uid_field]
     by_domain = {dm: np.nonzero(domains == dm)[0] for dm in doms}
+    indexes = {dm: title_index([titles[j] for j in rows]) for dm, rows in by_domain.items()}
     for r, q in enumerate(requests):
         rows = by_domain[q["domain"]]
         rec = answers.get(q["user"], {})
         text = rec.get("raw") if rec.get("status") == "ok" else ""
-        i, how = refine(text, [titles[j] for j in rows], emb[rows], encoder, words.values())
+        i, how = refine(text, indexes[q["domain"]], emb[rows], encoder, words.values())
         counts[how] += 1
         item = dg_top[r] if how == "fallback" else id_of[tokens[rows[i]]]
         model.llm_item[user_id[q["user"]]] = int(item)
