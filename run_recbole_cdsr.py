@@ -93,6 +93,9 @@ def main(argv=None):
     print(f"\nTest results of {out['results']['model']} on {out['results']['dataset']} "
           f"(selection: {out['results']['selection']['model_selection']}):")
     print(format_results_table(out["results"]))
+    doms = out["results"].get("domains") or {}
+    if any(k != v for k, v in doms.items()):
+        print("domains: " + ", ".join(f"{k} = {v}" for k, v in doms.items()))
     t = out["results"]["timing"]
     why = {"early_stopping": "early stopping on validation", "epoch_cap": "the epoch cap (epochs)",
            "budget": "the training budget", "interrupted": "an interruption (Ctrl-C)"}.get(t["stop_reason"], "-")

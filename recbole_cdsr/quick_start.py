@@ -17,6 +17,7 @@ import torch
 from recbole.utils import init_logger, init_seed
 
 from recbole_cdsr.config import CDSRConfig
+from recbole_cdsr.data.atomic import domain_labels
 from recbole_cdsr.data.utils import cdsr_data_preparation, create_cdsr_dataset, ensure_atomic_files
 from recbole_cdsr.model.layers import fast_layers
 from recbole_cdsr.registry import get_after_training, get_stages, get_trainer
@@ -161,10 +162,13 @@ def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=No
     test_seconds = time() - t_test
 
     protocols = list(config["eval_protocol"])
+    labels = domain_labels(ds.dataset_path, config["dataset"])
     results = {
         "format_version": RESULTS_FORMAT_VERSION,
         "model": config["model"],
         "dataset": config["dataset"],
+        # domain token -> the dataset's name for it (the converter's manifest)
+        "domains": {d: labels.get(d, d) for d in ds.domain_names},
         "seed": config["seed"],
         "train_view": ds.train_view,
         "speed": {

@@ -605,3 +605,31 @@ def test_readme_leaderboard_is_the_committed_run_of_the_committed_benchmark_file
         readme = f.read()
     block = readme.split(start + "\n", 1)[1].split(end, 1)[0]
     assert block == readme_block(spec, "food-kitchen", rows, by_name, link)
+
+
+def test_leaderboards_name_the_domains_of_the_results():
+    """Domain names travel from the results (``domains``, from the converter's manifest) into
+    the leaderboard's Markdown, README block, CSV and plots; lines written before results
+    carried them get the known release's names."""
+    import os
+
+    from recbole_cdsr.benchmark.leaderboard import (
+        domain_names, readme_block, summarize, to_csv, to_markdown,
+    )
+
+    here = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+    spec = load_benchmark(os.path.join(here, "food-kitchen-converged.yaml"))
+    lines = [ln for ln in read_lines(os.path.join(spec.output_dir, "results.jsonl")) if ln["name"] == "FPMC"]
+    assert len(lines) == 3 and not any("domains" in ln for ln in lines)
+    assert domain_names("food-kitchen", {"FPMC": lines}) == {"A": "Grocery and Gourmet Food", "B": "Home and Kitchen"}
+    assert domain_names("my-data", {"FPMC": lines}) == {}
+    named = [dict(ln, domains={"A": "Food", "B": "Kitchen"}) for ln in lines]
+    rows = summarize(spec, "food-kitchen", {"FPMC": named})
+    assert {(r["domain"], r["domain_name"]) for r in rows} == {("A", "Food"), ("B", "Kitchen")}
+    assert "\nDomains: A = Food, B = Kitchen.\n" in to_markdown(spec, "food-kitchen", rows)
+    assert readme_block(spec, "food-kitchen", rows, {"FPMC": named}, "x.md").startswith("Domains: A = Food, B = Kitchen.\n")
+    header, first = to_csv(rows).splitlines()[:2]
+    assert header.startswith("dataset,protocol,domain,domain_name,model,") and first.startswith("food-kitchen,sampled,A,Food,FPMC,")
+    # a dataset whose names are its tokens gets no legend
+    plain = summarize(spec, "my-data", {"FPMC": [dict(ln, domains={"A": "A", "B": "B"}) for ln in lines]})
+    assert "Domains:" not in to_markdown(spec, "my-data", plain)

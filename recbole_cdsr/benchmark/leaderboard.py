@@ -137,9 +137,27 @@ def stopping(lines):
     return ", ".join(f"{w} x{c}" for w, c in reasons.items()), (f"{lo}" if lo == hi else f"{lo}-{hi}")
 
 
+def domain_names(dataset, by_name):
+    """Domain token -> the dataset's name for it: from the runs' results (``domains``), for
+    runs recorded before results carried them the known releases' names, else the token."""
+    for lines in by_name.values():
+        for ln in lines:
+            if ln.get("domains"):
+                return dict(ln["domains"])
+    from dataset_converters.llmcdsr_release import KNOWN_RELEASES
+
+    return dict((KNOWN_RELEASES.get(dataset) or {}).get("domains") or {})
+
+
+def _domain_legend(names):
+    """``A = Food, B = Kitchen`` (empty when every name is its token)."""
+    return ", ".join(f"{d} = {n}" for d, n in names.items() if n != d)
+
+
 def summarize(spec, dataset, by_name):
     """Rows of one dataset's leaderboard: one dict per (protocol, domain, model, metric)."""
     names = [m.name for m in spec.models if m.name in by_name]
+    labels = domain_names(dataset, by_name)
     domains = []
     for lines in by_name.values():
         for d in (lines[0].get("instances") or {}).get("test", {}):
@@ -164,7 +182,8 @@ def summarize(spec, dataset, by_name):
                     if best_base is not None and n != best_base:
                         p = paired_p_value(_instance_values(by_name[n], protocol, domain, metric), ref)
                     rows.append(OrderedDict(
-                        dataset=dataset, protocol=protocol, domain=domain, model=n, metric=metric,
+                        dataset=dataset, protocol=protocol, domain=domain, domain_name=labels.get(domain, domain),
+                        model=n, metric=metric,
                         mean=stats_[n][0], std=stats_[n][1], seeds=len(by_name[n]),
                         best=(n == best), best_baseline=best_base, p_value=p,
                         significant=(not math.isnan(p) and p < ALPHA),
@@ -239,6 +258,9 @@ def to_markdown(spec, dataset, rows, missing=None, code=None):
         f"of the column. †: differs from the column's best baseline (paired two-sided t-test over "
         f"test instances, p < {ALPHA}). Baselines: {', '.join(spec.baselines) or 'none'}.\n"
     )
+    legend = _domain_legend(OrderedDict((r["domain"], r.get("domain_name", r["domain"])) for r in rows))
+    if legend:
+        out.write(f"Domains: {legend}.\n")
     for protocol in spec.protocols:
         out.write(f"\n## {protocol} protocol ({PROTOCOL_TEXT[protocol]})\n\n")
         out.write(_table(rows, protocol, MAIN_METRICS, timing=True))
@@ -259,7 +281,7 @@ def to_markdown(spec, dataset, rows, missing=None, code=None):
 
 def to_csv(rows):
     out = io.StringIO()
-    fields = ["dataset", "protocol", "domain", "model", "metric", "mean", "std", "seeds", "best",
+    fields = ["dataset", "protocol", "domain", "domain_name", "model", "metric", "mean", "std", "seeds", "best",
               "best_baseline", "p_value", "significant", "sec_per_epoch", "view", "stopped", "epochs"]
     w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     w.writeheader()
@@ -287,12 +309,13 @@ def plot_png(spec, dataset, rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, domains = [], []
+    names, domains, labels = [], [], {}
     for r in rows:
         if r["model"] not in names:
             names.append(r["model"])
         if r["domain"] not in domains:
             domains.append(r["domain"])
+        labels[r["domain"]] = r.get("domain_name", r["domain"])
     idx = {(r["protocol"], r["domain"], r["model"], r["metric"]): r for r in rows}
     fig, axes = plt.subplots(len(spec.protocols), len(MAIN_METRICS), squeeze=False,
                              figsize=(max(6.0, 0.55 * len(names) * len(MAIN_METRICS) + 2), 3.2 * len(spec.protocols)))
@@ -305,7 +328,8 @@ def plot_png(spec, dataset, rows, path):
                 rs = [idx[(protocol, d, n, metric)] for n in names]
                 means = [0.0 if math.isnan(r["mean"]) else r["mean"] for r in rs]
                 errs = [0.0 if math.isnan(r["std"]) else r["std"] for r in rs]
-                ax.bar(x + (k - (len(domains) - 1) / 2) * width, means, width, yerr=errs, capsize=2, label=f"domain {d}")
+                ax.bar(x + (k - (len(domains) - 1) / 2) * width, means, width, yerr=errs, capsize=2,
+                       label=f"domain {d}" + (f" ({labels[d]})" if labels[d] != d else ""))
             ax.set_xticks(x)
             ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
             ax.set_title(f"{dataset}: {LABEL[metric]} ({protocol})", fontsize=9)
@@ -345,6 +369,7 @@ def plot_valid_curves(spec, dataset, by_name, path, metric="hit@10"):
     import matplotlib.pyplot as plt
 
     curves = valid_curves(spec, by_name, metric)
+    labels = domain_names(dataset, by_name)
     panels = list(curves)
     if not panels:
         return None
@@ -363,7 +388,8 @@ def plot_valid_curves(spec, dataset, by_name, path, metric="hit@10"):
                 ax.plot(xs, ys, styles[seeds.index(seed) % len(styles)] if seed in seeds else "-",
                         color=colours[names.index(name) % len(colours)], lw=1.3,
                         label=name if len(seeds) == 1 else f"{name} (seed {seed})")
-            ax.set_title(f"{dataset}: validation {LABEL.get(metric, metric)}, domain {dom} ({protocol})", fontsize=9)
+            named = f"{dom}: {labels[dom]}" if labels.get(dom, dom) != dom else dom
+            ax.set_title(f"{dataset}: validation {LABEL.get(metric, metric)}, domain {named} ({protocol})", fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
@@ -419,7 +445,11 @@ def readme_block(spec, dataset, rows, by_name, markdown_link):
     negs = sorted({(ln.get("candidates") or {}).get("eval_neg_num") for lines in by_name.values() for ln in lines}
                   - {None})
     seeds = ", ".join(map(str, spec.seeds))
+    labels = domain_names(dataset, by_name)
     out = []
+    legend = _domain_legend(OrderedDict((d, labels.get(d, d)) for d in n_test))
+    if legend:
+        out.append(f"Domains: {legend}.\n")
     for protocol in spec.protocols:
         what = PROTOCOL_TEXT[protocol]
         if protocol == "sampled" and len(negs) == 1:

@@ -40,6 +40,16 @@ def prepare(config):
     encoder = TextEncoder(config["text_encoder"], device=str(config["device"]))
     items = read_item_titles(os.path.join(d, f"{name}.item"))  # each input file is read once
     sequences = read_training_sequences(d, name)
+    item_domain = dict(zip(items[0], items[1]))
+    if not any(len({item_domain[t] for t in seq}) == 1 for seq in sequences.values()):
+        logger.warning(
+            f"LLMCDSR on {name}: the dataset has no single-domain training user, so there is nobody to "
+            "generate pseudo items for and nothing for the augmentation and the meta recall network to "
+            "work on: this run trains LLMCDSR's backbone alone (llmcdsr_mode: backbone_only; stages 1 and 2 "
+            "skipped). The results file records it."
+        )
+        return {"llmcdsr_mode": "backbone_only"}, {
+            "stages": "skipped: no single-domain training users, the run is llmcdsr_mode backbone_only"}
     gen = config["generator"]
     record = {"generator": gen, "text_encoder": encoder.identity()}
     if gen == "import":  # first: a file of another width fails before anything is embedded or trained
