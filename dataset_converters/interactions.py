@@ -12,7 +12,9 @@ row, with the columns
 ``split``      optional, only read with ``--split column``: ``train``, ``valid`` or ``test``
 
 Other columns are ignored; ``--columns item=asin,user=reviewerID`` names the columns of a
-file whose header differs. An optional item file (``--items``: ``item``, ``title`` and an
+file whose header differs, and ``--header user,item,rating,timestamp`` names the columns of
+files without a header line (Amazon's per-category ratings files, one file per domain with
+``--file-domains``). An optional item file (``--items``: ``item``, ``title`` and an
 optional ``domain``) gives the titles that the LLM-enhanced models read (taken as given,
 whitespace runs made one space; ``--decode-html`` also decodes entities such as ``&amp;``).
 
@@ -130,9 +132,9 @@ def _check_token(value, what, where):
         raise ConversionError(f"{where}: {what} {value!r} contains whitespace (tokens must not)")
 
 
-def read_log(paths, columns=None, file_domains=None, delimiter=None, need_split=False):
+def read_log(paths, columns=None, file_domains=None, delimiter=None, need_split=False, header=None):
     """Rows ``(user, item, domain, time or None, split or None, file, line)`` of the log
-    files, in file order."""
+    files, in file order. ``header``: the column names of files that have no header line."""
     columns = dict(columns or {})
     if file_domains is not None and len(file_domains) != len(paths):
         raise ConversionError(
@@ -149,14 +151,14 @@ def read_log(paths, columns=None, file_domains=None, delimiter=None, need_split=
                 raise ConversionError(f"{path}, line 1: empty file or header (the header names the columns)")
             f.seek(0)
             reader = csv.reader(f, delimiter=_delimiter(path, first, delimiter))
-            header = [h.strip() for h in next(reader)]
+            names = list(header) if header else [h.strip() for h in next(reader)]
             pos = {}
             for field in COLUMNS:
                 name = columns.get(field, field)
-                if name in header:
-                    pos[field] = header.index(name)
-                elif field == "timestamp" and "timestamp" not in columns and "order" in header:
-                    pos[field] = header.index("order")
+                if name in names:
+                    pos[field] = names.index(name)
+                elif field == "timestamp" and "timestamp" not in columns and "order" in names:
+                    pos[field] = names.index("order")
             need = ["user", "item"] + (["split"] if need_split else [])
             if file_domains is None:
                 need.append("domain")
@@ -165,8 +167,8 @@ def read_log(paths, columns=None, file_domains=None, delimiter=None, need_split=
                     name = columns.get(field, field)
                     hint = " or give each file's domain with --file-domains" if field == "domain" else ""
                     raise ConversionError(
-                        f"{path}, line 1: missing column {name!r} (header: {', '.join(header)}); "
-                        f"name it with --columns {field}=COLUMN{hint}"
+                        f"{path}, line 1: missing column {name!r} ({'--header' if header else 'header'}: "
+                        f"{', '.join(names)}); name it with --columns {field}=COLUMN{hint}"
                     )
             file_has_time = "timestamp" in pos
             if has_time is None:
@@ -181,8 +183,8 @@ def read_log(paths, columns=None, file_domains=None, delimiter=None, need_split=
                 if not row or all(not c.strip() for c in row):
                     continue
                 where = f"{path}, line {no}"
-                if len(row) != len(header):
-                    raise ConversionError(f"{where}: expected {len(header)} fields as the header, found {len(row)}")
+                if len(row) != len(names):
+                    raise ConversionError(f"{where}: expected {len(names)} fields as the header, found {len(row)}")
                 user, item = row[pos["user"]].strip(), row[pos["item"]].strip()
                 _check_token(user, "user", where)
                 _check_token(item, "item", where)
@@ -457,6 +459,7 @@ def convert_interactions(
     eval_users_file=None,
     seed=2024,
     decode_html=False,
+    header=None,
 ):
     """Convert interaction log file(s) to ``out_dir/name/``; returns the manifest written.
 
@@ -483,7 +486,7 @@ def convert_interactions(
         raise ConversionError(f"--domains {','.join(domains)}: give two different domain names (A first)")
     cmap = _column_map(columns) if isinstance(columns, str) else dict(columns or {})
 
-    rows, has_time = read_log(paths, cmap, file_domains, delimiter, need_split=split == "column")
+    rows, has_time = read_log(paths, cmap, file_domains, delimiter, need_split=split == "column", header=header)
     order = order or ("time" if has_time else "file")
     tok, item_dom = assign_domains(rows, domains)
     titles = read_item_file(items_path, item_dom, delimiter, cmap) if items_path else {}
@@ -527,6 +530,7 @@ def convert_interactions(
         "eval_users_file": os.path.basename(eval_users_file) if eval_users_file else None,
         "seed": seed,
         "decode_html": bool(decode_html),
+        "header": list(header) if header else None,
     }
     with staging(out_dir, name) as tmp_dir:
         lines = ["item_id:token\tdomain:token\ttitle:token_seq"]
@@ -598,6 +602,8 @@ def main(argv=None):
                     "(fields: user, item, domain, timestamp, split; item file: also title)")
     ap.add_argument("--file-domains", default=None, help="one domain per log file, for files without a domain column")
     ap.add_argument("--domains", default=None, help="the two domain names, A first (default: sorted)")
+    ap.add_argument("--header", default=None, help="NAME,NAME,...: the log files have no header line; "
+                    "these name their columns (e.g. Amazon's ratings files: user,item,rating,timestamp)")
     ap.add_argument("--delimiter", default="auto", help="auto (tab if the header has one, else comma), tab or a character")
     ap.add_argument("--order", choices=ORDERS, default=None, help="time (default with a timestamp column) or file")
     ap.add_argument("--min-user-interactions", type=int, default=1, help="k-core: a user's interactions in a domain "
@@ -621,7 +627,7 @@ def main(argv=None):
             delimiter=args.delimiter, order=args.order,
             min_user_interactions=args.min_user_interactions, min_item_interactions=args.min_item_interactions,
             split=args.split, eval_users=args.eval_users, eval_users_file=args.eval_users_file, seed=args.seed,
-            decode_html=args.decode_html,
+            decode_html=args.decode_html, header=split_list(args.header),
         )
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -203,7 +203,7 @@ def _check_token(asin, path):
         raise ConversionError(f"{path}: ASIN {asin!r} contains whitespace or is empty")
 
 
-def convert_llmcdsr_release(raw_dir, out_dir, name=None, allow_missing_single_domain_b=False):
+def convert_llmcdsr_release(raw_dir, out_dir, name=None, allow_missing_single_domain_b=False, domains=None):
     """Convert one LLMCDSR release folder to RecBole atomic files.
 
     Args:
@@ -213,6 +213,8 @@ def convert_llmcdsr_release(raw_dir, out_dir, name=None, allow_missing_single_do
         allow_missing_single_domain_b (bool): build without ``train_B.txt`` (no single-domain
             B users) and, if missing, without ``text_B.pkl`` (empty B titles). Recorded in
             the manifest and logged as a warning.
+        domains (list): the names of domains A and B (default: the known release's, else
+            ``A`` and ``B``); recorded in the manifest, shown in results and leaderboards.
 
     Returns:
         dict: the manifest that was written.
@@ -222,6 +224,8 @@ def convert_llmcdsr_release(raw_dir, out_dir, name=None, allow_missing_single_do
     """
     raw_dir = os.path.abspath(raw_dir)
     name = name or os.path.basename(raw_dir.rstrip(os.sep))
+    if domains is not None and (len(domains) != 2 or not all(domains) or domains[0] == domains[1]):
+        raise ConversionError(f"--domains {','.join(domains)}: give two different names, A's first")
     if not os.path.isdir(raw_dir):
         raise ConversionError(f"release folder {raw_dir} does not exist")
 
@@ -317,7 +321,8 @@ def convert_llmcdsr_release(raw_dir, out_dir, name=None, allow_missing_single_do
             "converter": CONVERTER_NAME,
             "converter_version": CONVERTER_VERSION,
             "dataset": name,
-            "domains": KNOWN_RELEASES.get(name, {}).get("domains", {"A": "A", "B": "B"}),
+            "domains": (dict(zip("AB", domains)) if domains
+                        else KNOWN_RELEASES.get(name, {}).get("domains", {"A": "A", "B": "B"})),
             "source_files_sha256": sources,
             "missing_source_files": missing,
             "incomplete": bool(missing),
@@ -489,6 +494,8 @@ def main(argv=None):
         action="store_true",
         help="build without train_B.txt/text_B.pkl (no single-domain B users); recorded",
     )
+    ap.add_argument("--domains", default=None, help="NAME_A,NAME_B: the domains' names (default: the known "
+                    "release's, else A,B)")
     ap.add_argument(
         "--fetch",
         action="store_true",
@@ -499,7 +506,8 @@ def main(argv=None):
         if args.fetch:
             fetch_release(args.name or os.path.basename(args.raw_dir.rstrip(os.sep)), args.raw_dir)
         m = convert_llmcdsr_release(
-            args.raw_dir, args.out, args.name, args.allow_missing_single_domain_b
+            args.raw_dir, args.out, args.name, args.allow_missing_single_domain_b,
+            [d.strip() for d in args.domains.split(",")] if args.domains else None,
         )
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)

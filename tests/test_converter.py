@@ -128,6 +128,12 @@ def test_tiny_release_converts(tmp_path):
     ]
     assert _lines(d / "tiny.train.inter")[1:] == ["A_1\ta0 a1\ta2", "B_1\tb0\tb1", "O_1\ta0 b0 a1\tb1"]
     assert _lines(d / "tiny.test.inter")[1:] == ["T_1\tb1\ta0"]
+    # an unknown release's domains are its tokens unless named
+    assert json.loads((d / "tiny.manifest.json").read_text())["domains"] == {"A": "A", "B": "B"}
+    assert converter_main([raw, "--out", str(tmp_path / "out"), "--name", "tiny", "--domains", "Pantry,Tools"]) == 0
+    assert json.loads((d / "tiny.manifest.json").read_text())["domains"] == {"A": "Pantry", "B": "Tools"}
+    with pytest.raises(ConversionError, match="--domains Pantry: give two different names"):
+        convert_llmcdsr_release(raw, str(tmp_path / "out"), "tiny", domains=["Pantry"])
 
 
 @pytest.mark.parametrize(

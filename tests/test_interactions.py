@@ -238,6 +238,17 @@ def test_one_file_per_domain_without_domain_column(tmp_path):
     assert _lines(d / "amz.test.inter")[1:] == ["u1\tf1 k1\tf2", "u2\tf1 f2\tk1"]
     assert _lines(d / "amz.train.inter")[1:] == ["u3\tk1\tk2"]
     assert m["options"]["file_domains"] == ["Food", "Kitchen"]
+    # the same files without their header line (as Amazon's ratings files come), named by --header
+    for p in (food, kitchen):
+        with open(p, encoding="utf-8") as f:
+            body = f.read().split("\n", 1)[1]
+        with open(p, "w", encoding="utf-8") as f:
+            f.write(body)
+    rc = interactions_main([food, kitchen, "--out", str(tmp_path / "o2"), "--name", "amz", "--header",
+                            "user,item,timestamp", "--file-domains", "Food,Kitchen", "--split", "leave-last"])
+    assert rc == 0
+    for f in ("amz.train.inter", "amz.valid.inter", "amz.test.inter", "amz.item"):
+        assert _lines(tmp_path / "o2" / "amz" / f) == _lines(d / f)
 
 
 def test_example_file_converts_through_the_module_command(tmp_path):

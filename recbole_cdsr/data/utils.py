@@ -62,7 +62,8 @@ def ensure_atomic_files(config):
             f"pass --raw_path=<folder of the {release} release> or set {RAW_PATH_ENV}"
             + (f" (looked in {', '.join(tried)})" if tried else "")
             if release
-            else "convert it first (python -m dataset_converters RELEASE_DIR --out DATA_PATH)"
+            else "convert it first: python -m dataset_converters interactions LOG.csv --out DATA_PATH --name "
+            f"{name} (any two-domain log), or python -m dataset_converters RELEASE_DIR --out DATA_PATH (an LLMCDSR release)"
         )
         raise FileNotFoundError(
             f"dataset {name!r}: atomic files not found in {os.path.abspath(dataset_dir)}; {what}"
