@@ -307,19 +307,24 @@ def test_food_kitchen_release_as_a_log_gives_the_release_rows(tmp_path, fk_data)
     assert m["domains"] == {"A": "Grocery and Gourmet Food", "B": "Home and Kitchen"}
 
 
-def _all_overlapped_log(path, n_users=160, n_items=30, seed=0):
+def _all_overlapped_log(path, n_users=160, n_items=30, seed=0, split_column=False):
     """Every user walks two item rings (Food f0.., Kitchen k0..) in step, switching domain at
-    random: no single-domain user, the next item predictable."""
+    random: no single-domain user, the next item predictable. With ``split_column``, each
+    user's last interaction of each domain is a test target (two per user) and the one
+    before the first of them a validation target."""
     rng = np.random.RandomState(seed)
     with open(path, "w", encoding="utf-8") as f:
-        f.write("user,item,domain,timestamp\n")
+        f.write("user,item,domain,timestamp" + (",split" if split_column else "") + "\n")
         for u in range(n_users):
             pos, t = rng.randint(n_items), 0
             # the first two in both domains: every training row (all but the last two) is too
             doms = list(rng.permutation(["Food", "Kitchen"])) + list(rng.choice(["Food", "Kitchen"], size=rng.randint(4, 10)))
-            for d in doms:
+            doms += ["Food", "Kitchen"] if split_column else []
+            tests = {max(k for k, d in enumerate(doms) if d == x) for x in ("Food", "Kitchen")}
+            for k, d in enumerate(doms):
                 pos = (pos + 1) % n_items
-                f.write(f"user{u},{d[0].lower()}{pos},{d},{t}\n")
+                mark = "test" if k in tests else "valid" if k == min(tests) - 1 else "train"
+                f.write(f"user{u},{d[0].lower()}{pos},{d},{t}" + (f",{mark}" if split_column else "") + "\n")
                 t += 1
 
 
@@ -350,3 +355,31 @@ def test_dataset_without_single_domain_users_trains_through_the_one_command(tmp_
         assert 0.0 <= res["test"][p]["A/hit@10"] <= 1.0
     # the rings make the next item predictable: better than chance (10 of 21 candidates)
     assert res["test"]["sampled"]["overall/hit@10"] > 0.6
+
+
+@pytest.mark.slow
+def test_two_test_targets_per_user_train_and_rank_every_instance(tmp_path):
+    log = tmp_path / "log.csv"
+    _all_overlapped_log(log, split_column=True)
+    data = tmp_path / "data"
+    m = convert_interactions(str(log), str(data), "two", split="column")
+    c = m["counts"]
+    assert (c["valid"], c["test"], c["test_target_A"], c["test_target_B"]) == (160, 320, 160, 160)
+    assert c["train_A"] == c["train_B"] == 0
+    rc = run_recbole_cdsr.main([
+        "--model=SASRec", "--dataset=two", f"--data_path={data}", f"--results_dir={tmp_path / 'res'}",
+        f"--checkpoint_dir={tmp_path / 'saved'}", "--epochs=3", "--eval_neg_num=20", "--show_progress=False",
+        "--state=WARNING",
+    ])
+    assert rc == 0
+    (res_file,) = os.listdir(tmp_path / "res")
+    res = json.loads((tmp_path / "res" / res_file).read_text())
+    # every test row is ranked, each user twice (one target per domain), in file order
+    assert res["instances"]["test"] == {"A": 160, "B": 160}
+    assert len(res["test_instances"]["ranks"]["sampled"]) == 320
+    test_rows = read_rows(str(data / "two" / "two.test.inter"))
+    assert [r[0] for r in test_rows[:2]] == ["user0", "user0"]
+    # user0 ends with a Food then a Kitchen interaction: its Food target first, whose history
+    # the Kitchen target's history extends by that Food item
+    assert res["test_instances"]["target_domain"][:2] == ["A", "B"]
+    assert test_rows[1][1] == test_rows[0][1] + [test_rows[0][2]]
