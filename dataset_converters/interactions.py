@@ -57,6 +57,7 @@ import html
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -299,7 +300,7 @@ def order_sequences(rows, has_time, order):
     return out
 
 
-def k_core(seqs, item_dom, min_user, min_item):
+def k_core(seqs, item_dom, min_user, min_item, say=None):
     """Drop interactions until every item has >= ``min_item`` and every (user, domain) that
     keeps interactions has >= ``min_user``; then users with fewer than 2 interactions.
     Returns the filtered ``{user: [...]}`` and the number of passes."""
@@ -320,6 +321,8 @@ def k_core(seqs, item_dom, min_user, min_item):
             if kept:
                 new[user] = kept
         seqs = new
+        if say is not None and (min_user > 1 or min_item > 1):
+            say(f"k-core pass {passes}: {sum(len(v) for v in seqs.values()):,} interactions of {len(seqs):,} users left")
         if not changed:
             break
     return {u: evs for u, evs in seqs.items() if len(evs) >= 2}, passes
@@ -460,6 +463,7 @@ def convert_interactions(
     seed=2024,
     decode_html=False,
     header=None,
+    progress=False,
 ):
     """Convert interaction log file(s) to ``out_dir/name/``; returns the manifest written.
 
@@ -486,16 +490,25 @@ def convert_interactions(
         raise ConversionError(f"--domains {','.join(domains)}: give two different domain names (A first)")
     cmap = _column_map(columns) if isinstance(columns, str) else dict(columns or {})
 
+    t0 = time.time()
+
+    def say(msg):
+        if progress:
+            print(f"[interactions {time.time() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    say(f"reading {', '.join(paths)}")
     rows, has_time = read_log(paths, cmap, file_domains, delimiter, need_split=split == "column", header=header)
+    say(f"read {len(rows):,} interactions")
     order = order or ("time" if has_time else "file")
     tok, item_dom = assign_domains(rows, domains)
     titles = read_item_file(items_path, item_dom, delimiter, cmap) if items_path else {}
     seqs = order_sequences(rows, has_time, order)
     n_users_read = len(seqs)
-    seqs, passes = k_core(seqs, item_dom, min_user_interactions, min_item_interactions)
+    seqs, passes = k_core(seqs, item_dom, min_user_interactions, min_item_interactions, say)
     if not seqs:
         raise ConversionError("no user keeps 2 or more interactions after the k-core filter: lower the minimums")
     train, valid, test, member = build_splits(seqs, item_dom, tok, split, eval_users, eval_users_file, seed)
+    say(f"split ({split}): {len(train):,} training rows, {len(valid):,} validation and {len(test):,} test instances; writing")
     for what, part in (("training", train), ("validation", valid), ("test", test)):
         if not part:
             raise ConversionError(f"no {what} rows: check --split and the evaluation users")
@@ -627,7 +640,7 @@ def main(argv=None):
             delimiter=args.delimiter, order=args.order,
             min_user_interactions=args.min_user_interactions, min_item_interactions=args.min_item_interactions,
             split=args.split, eval_users=args.eval_users, eval_users_file=args.eval_users_file, seed=args.seed,
-            decode_html=args.decode_html, header=split_list(args.header),
+            decode_html=args.decode_html, header=split_list(args.header), progress=True,
         )
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)

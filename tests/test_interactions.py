@@ -254,12 +254,15 @@ def test_one_file_per_domain_without_domain_column(tmp_path):
 def test_example_file_converts_through_the_module_command(tmp_path):
     with open(EXAMPLE, encoding="utf-8") as f:
         assert len(f.read().splitlines()) == 20
-    out = subprocess.run(
+    proc = subprocess.run(
         [sys.executable, "-m", "dataset_converters", "interactions", EXAMPLE, "--out", str(tmp_path),
          "--name", "example", "--split", "leave-last"],
         cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout
-    counts = json.loads(out)
+    )
+    counts = json.loads(proc.stdout)
+    # a line per step on stderr
+    assert "] read 19 interactions" in proc.stderr
+    assert "] split (leave-last): 5 training rows, 4 validation and 4 test instances; writing" in proc.stderr
     assert counts["domains"] == {"A": "Food", "B": "Kitchen"}
     assert (counts["users_kept"], counts["valid"], counts["test"]) == (5, 4, 4)
     assert _lines(tmp_path / "example" / "example.test.inter")[1] == "ann\toats kettle honey teapot\tgreen-tea"
