@@ -133,6 +133,29 @@ def _check_token(value, what, where):
         raise ConversionError(f"{where}: {what} {value!r} contains whitespace (tokens must not)")
 
 
+def _table(path, what, delimiter=None, names=None):
+    """A delimited file with a header line (or the column ``names`` of one without): yields
+    the header first, then ``(line number, fields)`` of every non-blank row, checking that
+    each row has as many fields as the header."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: {what} not found")
+    with open(path, encoding="utf-8", newline="") as f:
+        first = f.readline()
+        if not first.strip():
+            raise ConversionError(f"{path}, line 1: empty file or header (the header names the columns)")
+        f.seek(0)
+        reader = csv.reader(f, delimiter=_delimiter(path, first, delimiter))
+        header = list(names) if names else [h.strip() for h in next(reader)]
+        yield header
+        for row in reader:
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(header):
+                raise ConversionError(
+                    f"{path}, line {reader.line_num}: expected {len(header)} fields as the header, found {len(row)}")
+            yield reader.line_num, row
+
+
 def read_log(paths, columns=None, file_domains=None, delimiter=None, need_split=False, header=None):
     """Rows ``(user, item, domain, time or None, split or None, file, line)`` of the log
     files, in file order. ``header``: the column names of files that have no header line."""
@@ -144,61 +167,49 @@ def read_log(paths, columns=None, file_domains=None, delimiter=None, need_split=
     rows = []
     has_time = None
     for k, path in enumerate(paths):
-        if not os.path.isfile(path):
-            raise ConversionError(f"{path}: interaction file not found")
-        with open(path, encoding="utf-8", newline="") as f:
-            first = f.readline()
-            if not first.strip():
-                raise ConversionError(f"{path}, line 1: empty file or header (the header names the columns)")
-            f.seek(0)
-            reader = csv.reader(f, delimiter=_delimiter(path, first, delimiter))
-            names = list(header) if header else [h.strip() for h in next(reader)]
-            pos = {}
-            for field in COLUMNS:
+        table = _table(path, "interaction file", delimiter, header)
+        names = next(table)
+        pos = {}
+        for field in COLUMNS:
+            name = columns.get(field, field)
+            if name in names:
+                pos[field] = names.index(name)
+            elif field == "timestamp" and "timestamp" not in columns and "order" in names:
+                pos[field] = names.index("order")
+        need = ["user", "item"] + (["split"] if need_split else [])
+        if file_domains is None:
+            need.append("domain")
+        for field in need:
+            if field not in pos:
                 name = columns.get(field, field)
-                if name in names:
-                    pos[field] = names.index(name)
-                elif field == "timestamp" and "timestamp" not in columns and "order" in names:
-                    pos[field] = names.index("order")
-            need = ["user", "item"] + (["split"] if need_split else [])
-            if file_domains is None:
-                need.append("domain")
-            for field in need:
-                if field not in pos:
-                    name = columns.get(field, field)
-                    hint = " or give each file's domain with --file-domains" if field == "domain" else ""
-                    raise ConversionError(
-                        f"{path}, line 1: missing column {name!r} ({'--header' if header else 'header'}: "
-                        f"{', '.join(names)}); name it with --columns {field}=COLUMN{hint}"
-                    )
-            file_has_time = "timestamp" in pos
-            if has_time is None:
-                has_time = file_has_time
-            elif has_time != file_has_time:
+                hint = " or give each file's domain with --file-domains" if field == "domain" else ""
                 raise ConversionError(
-                    f"{path}, line 1: {'has' if file_has_time else 'lacks'} a timestamp column while "
-                    f"{paths[0]} {'lacks' if file_has_time else 'has'} one: every log file needs the same columns"
+                    f"{path}, line 1: missing column {name!r} ({'--header' if header else 'header'}: "
+                    f"{', '.join(names)}); name it with --columns {field}=COLUMN{hint}"
                 )
-            for row in reader:
-                no = reader.line_num
-                if not row or all(not c.strip() for c in row):
-                    continue
-                where = f"{path}, line {no}"
-                if len(row) != len(names):
-                    raise ConversionError(f"{where}: expected {len(names)} fields as the header, found {len(row)}")
-                user, item = row[pos["user"]].strip(), row[pos["item"]].strip()
-                _check_token(user, "user", where)
-                _check_token(item, "item", where)
-                dom = row[pos["domain"]].strip() if "domain" in pos else file_domains[k]
-                if not dom:
-                    raise ConversionError(f"{where}: empty domain")
-                t = _parse_time(row[pos["timestamp"]], where) if file_has_time else None
-                split = None
-                if need_split:
-                    split = row[pos["split"]].strip()
-                    if split not in ROW_SPLITS:
-                        raise ConversionError(f"{where}: split {split!r} is not one of {', '.join(ROW_SPLITS)}")
-                rows.append((user, item, dom, t, split, path, no))
+        file_has_time = "timestamp" in pos
+        if has_time is None:
+            has_time = file_has_time
+        elif has_time != file_has_time:
+            raise ConversionError(
+                f"{path}, line 1: {'has' if file_has_time else 'lacks'} a timestamp column while "
+                f"{paths[0]} {'lacks' if file_has_time else 'has'} one: every log file needs the same columns"
+            )
+        for no, row in table:
+            where = f"{path}, line {no}"
+            user, item = row[pos["user"]].strip(), row[pos["item"]].strip()
+            _check_token(user, "user", where)
+            _check_token(item, "item", where)
+            dom = row[pos["domain"]].strip() if "domain" in pos else file_domains[k]
+            if not dom:
+                raise ConversionError(f"{where}: empty domain")
+            t = _parse_time(row[pos["timestamp"]], where) if file_has_time else None
+            split = None
+            if need_split:
+                split = row[pos["split"]].strip()
+                if split not in ROW_SPLITS:
+                    raise ConversionError(f"{where}: split {split!r} is not one of {', '.join(ROW_SPLITS)}")
+            rows.append((user, item, dom, t, split, path, no))
     if not rows:
         raise ConversionError(f"{', '.join(paths)}: no interactions")
     return rows, bool(has_time)
@@ -242,36 +253,26 @@ def assign_domains(rows, domains=None):
 def read_item_file(path, item_dom, delimiter=None, columns=None):
     """``{item: title}`` from an item file (``item``, ``title``, optional ``domain``)."""
     columns = dict(columns or {})
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path}: item file not found")
     titles = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        first = f.readline()
-        f.seek(0)
-        reader = csv.reader(f, delimiter=_delimiter(path, first, delimiter))
-        header = [h.strip() for h in next(reader, [])]
-        for field in ("item", "title"):
-            if columns.get(field, field) not in header:
-                raise ConversionError(f"{path}, line 1: missing column {columns.get(field, field)!r} "
-                                      f"(header: {', '.join(header)}); name it with --columns {field}=COLUMN")
-        i_item, i_title = header.index(columns.get("item", "item")), header.index(columns.get("title", "title"))
-        i_dom = header.index(columns.get("domain", "domain")) if columns.get("domain", "domain") in header else None
-        for row in reader:
-            no = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            where = f"{path}, line {no}"
-            if len(row) != len(header):
-                raise ConversionError(f"{where}: expected {len(header)} fields as the header, found {len(row)}")
-            item = row[i_item].strip()
-            _check_token(item, "item", where)
-            if item in titles:
-                raise ConversionError(f"{where}: item {item!r} appears twice")
-            if i_dom is not None and item in item_dom and row[i_dom].strip() != item_dom[item]:
-                raise ConversionError(
-                    f"{where}: item {item!r} has domain {row[i_dom].strip()!r} here but {item_dom[item]!r} in the log"
-                )
-            titles[item] = row[i_title]
+    table = _table(path, "item file", delimiter)
+    header = next(table)
+    for field in ("item", "title"):
+        if columns.get(field, field) not in header:
+            raise ConversionError(f"{path}, line 1: missing column {columns.get(field, field)!r} "
+                                  f"(header: {', '.join(header)}); name it with --columns {field}=COLUMN")
+    i_item, i_title = header.index(columns.get("item", "item")), header.index(columns.get("title", "title"))
+    i_dom = header.index(columns.get("domain", "domain")) if columns.get("domain", "domain") in header else None
+    for no, row in table:
+        where = f"{path}, line {no}"
+        item = row[i_item].strip()
+        _check_token(item, "item", where)
+        if item in titles:
+            raise ConversionError(f"{where}: item {item!r} appears twice")
+        if i_dom is not None and item in item_dom and row[i_dom].strip() != item_dom[item]:
+            raise ConversionError(
+                f"{where}: item {item!r} has domain {row[i_dom].strip()!r} here but {item_dom[item]!r} in the log"
+            )
+        titles[item] = row[i_title]
     return titles
 
 
@@ -353,32 +354,22 @@ def _eval_count(spec, n_eligible, default_share):
 
 def read_eval_users(path, seqs):
     """``{user: "valid"|"test"}`` from a file of ``user,split`` rows (a header first)."""
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path}: evaluation users file not found")
     out = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        first = f.readline()
-        f.seek(0)
-        reader = csv.reader(f, delimiter=_delimiter(path, first, None))
-        header = [h.strip() for h in next(reader, [])]
-        if "user" not in header or "split" not in header:
-            raise ConversionError(f"{path}, line 1: the header must name the columns user and split")
-        iu, isp = header.index("user"), header.index("split")
-        for row in reader:
-            no = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            where = f"{path}, line {no}"
-            if len(row) != len(header):
-                raise ConversionError(f"{where}: expected {len(header)} fields as the header, found {len(row)}")
-            user, split = row[iu].strip(), row[isp].strip()
-            if split not in ("valid", "test"):
-                raise ConversionError(f"{where}: split {split!r} must be valid or test")
-            if user not in seqs:
-                raise ConversionError(f"{where}: user {user!r} has no sequence of 2 or more interactions (after filtering)")
-            if user in out:
-                raise ConversionError(f"{where}: user {user!r} is listed twice")
-            out[user] = split
+    table = _table(path, "evaluation users file")
+    header = next(table)
+    if "user" not in header or "split" not in header:
+        raise ConversionError(f"{path}, line 1: the header must name the columns user and split")
+    iu, isp = header.index("user"), header.index("split")
+    for no, row in table:
+        where = f"{path}, line {no}"
+        user, split = row[iu].strip(), row[isp].strip()
+        if split not in ("valid", "test"):
+            raise ConversionError(f"{where}: split {split!r} must be valid or test")
+        if user not in seqs:
+            raise ConversionError(f"{where}: user {user!r} has no sequence of 2 or more interactions (after filtering)")
+        if user in out:
+            raise ConversionError(f"{where}: user {user!r} is listed twice")
+        out[user] = split
     if not out:
         raise ConversionError(f"{path}: no users")
     return out
