@@ -79,7 +79,8 @@ def draw_candidates(item_tokens, item_domains, targets, hists, neg_num, seed, ex
             raise CandidateError(
                 f"domain {domains[ti]} has only {len(pool) - len(excl)} items besides the "
                 f"target{' and history' if exclude_history else ''} (instance {r}); "
-                f"eval_neg_num={neg_num} is too large"
+                f"eval_neg_num={neg_num} is too large: pass --eval_neg_num={len(pool) - len(excl)} or less, "
+                "or --eval_protocol=\"['full']\" (every item of the domain)"
             )
         pos = rng.choice(len(pool), neg_num + len(excl), replace=False)
         picked = pool[pos]
