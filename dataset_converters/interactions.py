@@ -9,7 +9,8 @@ row, with the columns
                without this column takes its domain from ``--file-domains``
 ``timestamp``  (or ``order``) optional: a number or an ISO 8601 date/time; orders each
                user's interactions
-``split``      optional, only read with ``--split column``: ``train``, ``valid`` or ``test``
+``split``      optional, only read with ``--split column``: ``train``, ``valid``, ``test``
+               or ``history`` (in the histories of later targets, not trained on)
 
 Other columns are ignored; ``--columns item=asin,user=reviewerID`` names the columns of a
 file whose header differs, and ``--header user,item,rating,timestamp`` names the columns of
@@ -41,7 +42,8 @@ Preparation, in this order (every option is recorded in the manifest):
                    a validation instance (the one before it); it trains on the rest;
    ``column``      the log's ``split`` column says which interactions are validation or test
                    targets (several per user allowed); each target's history is the user's
-                   interactions before it, and the user trains on its ``train`` rows.
+                   interactions before it, and the user trains on its ``train`` rows
+                   (``history`` rows only give context: a held-out user's history).
 
 Output: the files of :mod:`dataset_converters.llmcdsr_release` (``.item``, ``.user``,
 ``.{train,valid,test}.inter``, ``.manifest.json``) with domain tokens ``A`` and ``B``; the
@@ -68,7 +70,7 @@ CONVERTER_VERSION = 1
 SPLITS = ("heldout", "leave-last", "column")
 ORDERS = ("time", "file")
 COLUMNS = ("user", "item", "domain", "timestamp", "split")
-ROW_SPLITS = ("train", "valid", "test")
+ROW_SPLITS = ("train", "valid", "test", "history")
 DEFAULT_HELDOUT_SHARE = 0.2
 TOKENS = ("A", "B")
 
@@ -542,7 +544,8 @@ def convert_interactions(
             lines += [f"{i}\t{t}\t{clean_title(titles.get(i, ''), decode_html)}" for i in by_tok[t]]
         _write_text(os.path.join(tmp_dir, f"{name}.item"), "\n".join(lines) + "\n")
         ulines = ["user_id:token\tuser_kind:token\tsplit:token"]
-        ulines += [f"{u}\t{kind(u)}\t{','.join(member[u])}" for u in seqs if member[u]]
+        ulines += [f"{u}\t{kind(u)}\t{','.join(x for x in ('train', 'valid', 'test') if x in member[u])}"
+                   for u in seqs if member[u]]
         _write_text(os.path.join(tmp_dir, f"{name}.user"), "\n".join(ulines) + "\n")
         header = "user_id:token\titem_id_list:token_seq\titem_id:token"
         for sname, part in (("train", train), ("valid", valid), ("test", test)):

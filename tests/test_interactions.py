@@ -175,6 +175,9 @@ def test_split_column_several_targets_no_single_domain_users(tmp_path):
         "b\tx1\tMovies\t2\ttrain",
         "b\ty2\tBooks\t3\ttrain",
         "b\tx2\tMovies\t4\ttest",
+        "c\ty2\tBooks\t1\thistory",
+        "c\tx1\tMovies\t2\thistory",
+        "c\ty1\tBooks\t3\ttest",
     ]) + "\n")
     m = convert_interactions(log, str(tmp_path / "out"), "col", columns="user=uid,domain=category",
                              split="column", domains=["Movies", "Books"])
@@ -183,7 +186,11 @@ def test_split_column_several_targets_no_single_domain_users(tmp_path):
     assert _lines(d / "col.train.inter")[1:] == ["a\tx1\ty1", "b\ty1 x1\ty2"]
     assert _lines(d / "col.valid.inter")[1:] == ["a\tx1 y1\tx2"]
     # two test targets of user a, each with everything before it as its history
-    assert _lines(d / "col.test.inter")[1:] == ["a\tx1 y1 x2\ty2", "a\tx1 y1 x2 y2\tx3", "b\ty1 x1 y2\tx2"]
+    # c is held out: its history rows give context and no training row
+    assert _lines(d / "col.test.inter")[1:] == ["a\tx1 y1 x2\ty2", "a\tx1 y1 x2 y2\tx3", "b\ty1 x1 y2\tx2",
+                                                "c\ty2 x1\ty1"]
+    assert _lines(d / "col.user")[1:] == ["a\toverlapped\ttrain,valid,test", "b\toverlapped\ttrain,test",
+                                          "c\toverlapped\ttest"]
     assert _lines(d / "col.item")[1:] == ["x1\tA\t", "x2\tA\t", "x3\tA\t", "y1\tB\t", "y2\tB\t"]
     assert m["counts"]["train_A"] == m["counts"]["train_B"] == 0 and m["counts"]["train_overlap"] == 2
 
