@@ -630,6 +630,12 @@ def test_leaderboards_name_the_domains_of_the_results():
     assert readme_block(spec, "food-kitchen", rows, {"FPMC": named}, "x.md").startswith("Domains: A = Food, B = Kitchen.\n")
     header, first = to_csv(rows).splitlines()[:2]
     assert header.startswith("dataset,protocol,domain,domain_name,model,") and first.startswith("food-kitchen,sampled,A,Food,FPMC,")
+    # the device each row trained on (the GPU's name when there is one)
+    assert {r["device"] for r in rows} == {"cpu (2 threads)"}
+    assert "| s/epoch | device | seeds |" in to_markdown(spec, "food-kitchen", rows)
+    gpu = [dict(ln, device={"device": "cuda:0", "gpu": "NVIDIA H200", "cpu_threads": 16}) for ln in named]
+    mixed = summarize(spec, "food-kitchen", {"FPMC": named[:2] + gpu[2:]})
+    assert {r["device"] for r in mixed} == {"cpu (2 threads) / NVIDIA H200"}
     # a dataset whose names are its tokens gets no legend
     plain = summarize(spec, "my-data", {"FPMC": [dict(ln, domains={"A": "A", "B": "B"}) for ln in lines]})
     assert "Domains:" not in to_markdown(spec, "my-data", plain)

@@ -115,6 +115,23 @@ def training_view(lines):
     return " / ".join(views)
 
 
+def device_of(lines):
+    """Where a model's runs trained: the GPU's name, or ``cpu (N threads)``; several joined
+    with `` / `` (lines without a device record: ``?``)."""
+    out = []
+    for ln in lines:
+        dev = ln.get("device") or {}
+        if dev.get("gpu"):
+            d = dev["gpu"]
+        elif dev.get("device"):
+            d = f"{dev['device']} ({dev['cpu_threads']} threads)" if dev.get("cpu_threads") else dev["device"]
+        else:
+            d = "?"
+        if d not in out:
+            out.append(d)
+    return " / ".join(out)
+
+
 def stopping(lines):
     """``(why, epochs)`` of a model's runs: each stop reason with its count (``early`` for
     early stopping, ``cap`` for the epoch cap, ``budget``, ``interrupted``) and the range of
@@ -188,7 +205,7 @@ def summarize(spec, dataset, by_name):
                         best=(n == best), best_baseline=best_base, p_value=p,
                         significant=(not math.isnan(p) and p < ALPHA),
                         sec_per_epoch=_mean_std([seconds_per_epoch(ln) for ln in by_name[n]])[0],
-                        view=training_view(by_name[n]),
+                        view=training_view(by_name[n]), device=device_of(by_name[n]),
                         stopped=stopping(by_name[n])[0], epochs=stopping(by_name[n])[1],
                     ))
     return rows
@@ -238,14 +255,15 @@ def _table(rows, protocol, metrics, timing):
     seeds = {r["model"]: r["seeds"] for r in rows}
     spe = {r["model"]: r["sec_per_epoch"] for r in rows}
     view = {r["model"]: r.get("view", "?") for r in rows}
+    device = {r["model"]: r.get("device", "?") for r in rows}
     stop = {r["model"]: (r.get("stopped", "?"), r.get("epochs", "?")) for r in rows}
     head = ["model"] + [f"{d} {LABEL[m]}" for d in domains for m in metrics] + (
-        ["s/epoch", "seeds", "training view", "stopped by", "epochs"] if timing else [])
+        ["s/epoch", "device", "seeds", "training view", "stopped by", "epochs"] if timing else [])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in names:
         cells = [n] + [_cell(idx[(protocol, d, n, m)]) for d in domains for m in metrics]
         if timing:
-            cells += ["-" if math.isnan(spe[n]) else f"{spe[n]:.1f}", str(seeds[n]), view[n], *stop[n]]
+            cells += ["-" if math.isnan(spe[n]) else f"{spe[n]:.1f}", device[n], str(seeds[n]), view[n], *stop[n]]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -282,7 +300,7 @@ def to_markdown(spec, dataset, rows, missing=None, code=None):
 def to_csv(rows):
     out = io.StringIO()
     fields = ["dataset", "protocol", "domain", "domain_name", "model", "metric", "mean", "std", "seeds", "best",
-              "best_baseline", "p_value", "significant", "sec_per_epoch", "view", "stopped", "epochs"]
+              "best_baseline", "p_value", "significant", "sec_per_epoch", "device", "view", "stopped", "epochs"]
     w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in rows:
