@@ -292,7 +292,9 @@ def convert_llmcdsr_release(raw_dir, out_dir, name=None, allow_missing_single_do
             raise ConversionError(
                 f"{p(fname)}: {len(users)} sequences, but instance_num.txt says {expected}"
             )
-        if not users:
+        if not users and key not in ("train_A", "train_B"):
+            # (a release without single-domain users of a domain has 0 on that line of
+            # instance_num.txt and an empty file, checked just above)
             raise ConversionError(f"{p(fname)}: no sequences")
         files[key] = (users, seqs)
 

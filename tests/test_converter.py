@@ -136,6 +136,23 @@ def test_tiny_release_converts(tmp_path):
         convert_llmcdsr_release(raw, str(tmp_path / "out"), "tiny", domains=["Pantry"])
 
 
+def test_release_without_single_domain_users_converts(tmp_path):
+    """Empty train_A.txt and train_B.txt with 0 on their lines of instance_num.txt: every
+    training user is overlapped."""
+    raw = _tiny_release(str(tmp_path / "raw"))
+    for f in ("train_A.txt", "train_B.txt"):
+        open(os.path.join(raw, f), "w").close()
+    with pytest.raises(ConversionError, match="train_A.txt: 0 sequences, but instance_num.txt says 1"):
+        convert_llmcdsr_release(raw, str(tmp_path / "out"), "tiny")  # instance_num.txt still says 1
+    with open(os.path.join(raw, "instance_num.txt"), "w") as f:
+        f.write("0\n0\n1\n")
+    m = convert_llmcdsr_release(raw, str(tmp_path / "out"), "tiny")
+    assert (m["counts"]["train_A"], m["counts"]["train_B"], m["counts"]["train_overlap"]) == (0, 0, 1)
+    d = tmp_path / "out" / "tiny"
+    assert _lines(d / "tiny.train.inter")[1:] == ["O_1\ta0 b0 a1\tb1"]
+    assert _lines(d / "tiny.user")[1:] == ["O_1\toverlapped\ttrain", "V_1\toverlapped\tvalid", "T_1\toverlapped\ttest"]
+
+
 @pytest.mark.parametrize(
     "mutate, needle",
     [
