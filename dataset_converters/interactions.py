@@ -55,7 +55,6 @@ the same input gives the same bytes.
 import argparse
 import csv
 import datetime
-import html
 import json
 import os
 import sys
@@ -63,7 +62,7 @@ import time
 
 import numpy as np
 
-from dataset_converters.llmcdsr_release import ConversionError, _write_text, sha256_file, staging
+from dataset_converters.llmcdsr_release import ConversionError, _write_text, clean_title, sha256_file, staging
 
 CONVERTER_NAME = "interactions"
 CONVERTER_VERSION = 1
@@ -73,18 +72,6 @@ COLUMNS = ("user", "item", "domain", "timestamp", "split")
 ROW_SPLITS = ("train", "valid", "test", "history")
 DEFAULT_HELDOUT_SHARE = 0.2
 TOKENS = ("A", "B")
-
-
-def clean_title(title, decode_html=False):
-    """A title for the tab-separated ``title:token_seq`` column: whitespace runs (tabs and
-    newlines included) become one space; HTML entities decoded only with ``decode_html``; a
-    title holding a double quote is CSV-quoted, which RecBole's reader gives back as is."""
-    if decode_html:
-        title = html.unescape(title)
-    title = " ".join(title.split())
-    if '"' in title:
-        title = '"' + title.replace('"', '""') + '"'
-    return title
 
 
 # -- reading ------------------------------------------------------------------------------

@@ -186,13 +186,16 @@ def _check_item_map(path, mapping, n):
         )
 
 
-def _clean_title(title):
-    """Titles go into a tab-separated token_seq field: entities decoded, no tabs/newlines.
+def clean_title(title, decode_html=True):
+    """Titles go into a tab-separated token_seq field: whitespace runs (tabs and newlines
+    included) become one space, HTML entities are decoded when ``decode_html``.
 
     A title holding a double quote is written as a CSV-quoted field (inner quotes doubled),
     which is how RecBole's reader (pandas ``read_csv``) gives back the original text.
     """
-    title = " ".join(html.unescape(title).split())
+    if decode_html:
+        title = html.unescape(title)
+    title = " ".join(title.split())
     if '"' in title:
         title = '"' + title.replace('"', '""') + '"'
     return title
@@ -434,7 +437,7 @@ def _write_outputs(tmp_dir, name, asin, n_a, text_a, text_b, files):
     for idx, a in enumerate(asin):
         dom = "A" if idx < n_a else "B"
         title = (text_a if dom == "A" else text_b).get(a, "")
-        lines.append(f"{a}\t{dom}\t{_clean_title(title)}")
+        lines.append(f"{a}\t{dom}\t{clean_title(title)}")
     _write_text(os.path.join(tmp_dir, f"{name}.item"), "\n".join(lines) + "\n")
 
     users = ["user_id:token\tuser_kind:token\tsplit:token"]
