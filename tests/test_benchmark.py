@@ -3,6 +3,7 @@ hyper-parameter search on validation only, time budgets."""
 
 import csv
 import json
+import math
 import os
 import signal
 import statistics
@@ -399,6 +400,8 @@ def test_config_hash_follows_config_and_data(tmp_path, syn_data):
         ({"overrides": {"NARM": {"epochs": 1}}}, "'NARM' is not a model name of this benchmark"),
         ({"config": {"eval_neg_num": "many"}}, "key 'config.eval_neg_num' must be int"),
         ({"hyper": {"models": ["SASRec"], "algo": "grid"}}, "key 'hyper.algo' must be one of"),
+        ({"equal_epochs": 0}, "key 'equal_epochs' must be a positive number of epochs"),
+        ({"equal_epochs": "ten"}, "key 'equal_epochs' must be a positive number of epochs"),
     ],
 )
 def test_bad_benchmark_file_is_one_clear_error(tmp_path, change, message):
@@ -639,3 +642,143 @@ def test_leaderboards_name_the_domains_of_the_results():
     # a dataset whose names are its tokens gets no legend
     plain = summarize(spec, "my-data", {"FPMC": [dict(ln, domains={"A": "A", "B": "B"}) for ln in lines]})
     assert "Domains:" not in to_markdown(spec, "my-data", plain)
+
+
+def _history(a_values, b_values, full_offset=0.0):
+    """A run's validation history: per-domain HR@10 as given, NDCG@10 = HR@10 / 2, and the
+    full protocol's values ``full_offset`` lower."""
+    out = []
+    for e, (a, b) in enumerate(zip(a_values, b_values)):
+        r = {}
+        for d, v in (("A", a), ("B", b)):
+            r[f"{d}/hit@10"], r[f"{d}/ndcg@10"] = v, v / 2
+            r[f"full:{d}/hit@10"], r[f"full:{d}/ndcg@10"] = v - full_offset, (v - full_offset) / 2
+        out.append({"epoch": e, "result": r})
+    return out
+
+
+def _equal_line(seed, a_values, b_values, patience=2, freeze=True, name="M"):
+    return {"name": name, "seed": seed, "run_key": f"d/{name}/seed{seed}",
+            "config": {"stopping_step": patience, "freeze_stopped_domains": freeze},
+            "selection": {"selection_keys": {"A": "A/hit@10", "B": "B/hit@10"}},
+            "instances": {"valid": {"A": 10, "B": 10}, "test": {"A": 10, "B": 10}},
+            "valid_history": _history(a_values, b_values, full_offset=0.1)}
+
+
+def test_equal_epoch_selection_replays_the_trainers_rule_by_hand():
+    """Within the first N epochs: strict improvement, and a domain without improvement for
+    ``stopping_step`` evaluations keeps its best (freeze_stopped_domains), as the trainer."""
+    from recbole_cdsr.benchmark.leaderboard import select_within
+
+    a = [0.1, 0.3, 0.3, 0.2, 0.5, 0.4]  # ties do not improve; A is frozen after epoch 3
+    b = [0.2, 0.1, 0.4, 0.4, 0.45, 0.6]
+    ln = _equal_line(1, a, b)
+    pick = lambda n, line=ln: {k: (h or {}).get("epoch") for k, h in select_within(line, n).items()}  # noqa: E731
+    assert pick(1) == {"A": 0, "B": 0}
+    assert pick(3) == {"A": 1, "B": 2}
+    assert pick(100) == {"A": 1, "B": 5}  # A's 0.5 at epoch 4 comes after it was frozen
+    assert pick(0) == {"A": None, "B": None}
+    thawed = _equal_line(1, a, b, freeze=False)
+    assert pick(100, thawed) == {"A": 4, "B": 5}
+
+
+def test_equal_epoch_replay_gives_the_committed_runs_best_epochs():
+    """On the committed converged runs, the replay over their whole history selects the
+    epochs the trainer selected (``selection.best_epochs`` of each line)."""
+    from recbole_cdsr.benchmark.leaderboard import select_within
+
+    here = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+    spec = load_benchmark(os.path.join(here, "food-kitchen-converged.yaml"))
+    lines = read_lines(os.path.join(spec.output_dir, "results.jsonl"))
+    assert len(lines) >= 5
+    for ln in lines:
+        picked = {k: h["epoch"] for k, h in select_within(ln, 10 ** 6).items()}
+        assert picked == ln["selection"]["best_epochs"], ln["run_key"]
+
+
+def test_equal_epoch_rows_and_section_by_hand(tmp_path):
+    """Mean and std over seeds of the validation metrics at the selected epochs, each
+    protocol from its own keys, the window's epochs per row, the section in the Markdown
+    and in the README block."""
+    from recbole_cdsr.benchmark.leaderboard import (
+        equal_epoch_rows, readme_block, summarize, to_markdown,
+    )
+
+    path = write_spec(tmp_path, str(tmp_path), models=("SASRec", "GRU4Rec"), seeds=(1, 2), equal_epochs=3)
+    spec = load_benchmark(path)
+    assert spec.equal_epochs == 3
+    by_name = {
+        # SASRec: seed 1 picks A@1 (0.3), B@2 (0.4); seed 2 picks A@2 (0.5), B@0 (0.3)
+        "SASRec": [_equal_line(1, [0.1, 0.3, 0.3, 0.9], [0.2, 0.1, 0.4, 0.9], name="SASRec"),
+                   _equal_line(2, [0.2, 0.4, 0.5, 0.9], [0.3, 0.2, 0.1, 0.9], name="SASRec")],
+        # GRU4Rec stopped early after two epochs: A@0 (0.6), B@1 (0.2)
+        "GRU4Rec": [_equal_line(1, [0.6, 0.5], [0.1, 0.2], name="GRU4Rec")],
+    }
+    rows = equal_epoch_rows(spec, "tiny-cdsr", by_name, 3)
+    idx = {(r["protocol"], r["domain"], r["model"], r["metric"]): r for r in rows}
+    r = idx[("sampled", "A", "SASRec", "hit@10")]
+    assert r["mean"] == pytest.approx(0.4) and r["std"] == pytest.approx(statistics.stdev([0.3, 0.5]))
+    assert idx[("sampled", "B", "SASRec", "hit@10")]["mean"] == pytest.approx(0.35)
+    assert idx[("sampled", "B", "SASRec", "ndcg@10")]["mean"] == pytest.approx(0.175)
+    assert idx[("full", "A", "SASRec", "hit@10")]["mean"] == pytest.approx(0.3)  # the same epochs, full keys
+    g = idx[("sampled", "A", "GRU4Rec", "hit@10")]
+    assert g["mean"] == pytest.approx(0.6) and math.isnan(g["std"]) and g["best"] and g["epochs"] == "2"
+    assert not r["best"] and r["epochs"] == "3" and r["seeds"] == 2
+    assert idx[("sampled", "B", "SASRec", "hit@10")]["best"]
+    # the section: heading, both protocols, the rows' cells
+    summary = summarize(spec, "tiny-cdsr", {n: [dict(ln, test={}) for ln in lines] for n, lines in by_name.items()})
+    md = to_markdown(spec, "tiny-cdsr", summary, equal=rows)
+    assert "## Equal epochs: validation within the first 3 epochs" in md
+    assert "| SASRec | 0.4000 ± 0.1414 | 0.2000 ± 0.0707 | **0.3500 ± 0.0707** | **0.1750 ± 0.0354** | 2 | 3 |" in md
+    assert "| model | A HR@10 | A NDCG@10 | B HR@10 | B NDCG@10 | seeds | validations |" in md
+    assert "| GRU4Rec | **0.6000** | **0.3000** | 0.2000 | 0.1000 | 1 | 2 |" in md
+    assert "Full protocol (target vs every item of its domain), validation:" in md
+    assert "Equal epochs" not in to_markdown(spec, "tiny-cdsr", summary)
+    block = readme_block(spec, "tiny-cdsr", summary, by_name, "x.md", rows)
+    assert "#### Equal epochs: validation within the first 3 epochs" in block
+    assert block.index("#### Equal epochs") < block.index("More cut-offs")
+
+
+def test_committed_converged_benchmark_caps_only_the_expensive_rows():
+    """benchmarks/food-kitchen-converged.yaml: every row to early stopping under a cap of 300
+    epochs, except Caser (capped at the equal-epoch window of 10) and URLLM-DG (its public
+    code's 15 epochs)."""
+    from recbole_cdsr.benchmark.plan import run_config
+
+    here = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+    spec = load_benchmark(os.path.join(here, "food-kitchen-converged.yaml"))
+    assert spec.equal_epochs == 10 and len(spec.models) == 17 and spec.seeds == [2020, 2021, 2022]
+    caps = {m.name: run_config(spec, m, spec.budget)["epochs"] for m in spec.models}
+    assert {n for n, c in caps.items() if c != 300} == {"Caser", "URLLM-DG"}
+    assert caps["Caser"] == spec.equal_epochs and caps["URLLM-DG"] == 15
+    assert spec.config["stopping_step"] == 10
+
+
+def test_converged_leaderboard_is_the_committed_runs_of_the_converged_benchmark_file(fk_data):
+    """The committed converged board (leaderboard Markdown, README tables, equal-epoch
+    section) is what its results.jsonl gives for the planned runs (recomputed here, nothing
+    written); its finished runs all come from one code version and record why they stopped."""
+    from recbole_cdsr.benchmark.leaderboard import (
+        code_versions, equal_epoch_rows, readme_block, readme_markers, select_lines, summarize, to_markdown,
+    )
+
+    here = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+    spec = load_benchmark(os.path.join(here, "food-kitchen-converged.yaml"))
+    spec.config["data_path"] = fk_data  # not part of the config hash
+    runs = plan_runs(spec, prepare_datasets(spec))
+    lines = ResultsStore(os.path.join(spec.output_dir, "results.jsonl")).read()
+    found, missing = select_lines(runs, lines)
+    by_name = found["food-kitchen"]
+    assert sum(len(v) for v in by_name.values()) == len(lines)  # every committed line is a planned run
+    code = code_versions(by_name)
+    assert len(code) == 1
+    assert all(ln["timing"]["stop_reason"] in ("early_stopping", "epoch_cap") for ln in lines)
+    rows = summarize(spec, "food-kitchen", by_name)
+    equal = equal_epoch_rows(spec, "food-kitchen", by_name, spec.equal_epochs)
+    base = os.path.join(spec.output_dir, "leaderboard-food-kitchen")
+    with open(base + ".md", encoding="utf-8") as f:
+        assert f.read() == to_markdown(spec, "food-kitchen", rows, missing.get("food-kitchen"), code, equal)
+    start, end = readme_markers("food-kitchen")
+    with open(spec.readme, encoding="utf-8") as f:
+        block = f.read().split(start + "\n", 1)[1].split(end, 1)[0]
+    assert block == readme_block(spec, "food-kitchen", rows, by_name, "leaderboard-food-kitchen.md", equal)

@@ -211,6 +211,100 @@ def summarize(spec, dataset, by_name):
     return rows
 
 
+def select_within(line, epochs):
+    """The trainer's model selection replayed on a run's validation history, limited to its
+    first ``epochs`` epochs: ``{selection name: history entry or None}`` (``A``, ``B`` under
+    per-domain selection). Strict improvement of the selection key, and with
+    ``freeze_stopped_domains`` a domain without improvement for ``stopping_step`` evaluations
+    keeps its best, as in :class:`recbole_cdsr.trainer.trainer.CDSRTrainer`."""
+    keys = (line.get("selection") or {}).get("selection_keys") or {}
+    cfg = line.get("config") or {}
+    patience = cfg.get("stopping_step") or 10
+    freeze = cfg.get("freeze_stopped_domains", True)
+    best = {k: -math.inf for k in keys}
+    stale = {k: 0 for k in keys}
+    chosen = {k: None for k in keys}
+    for h in line.get("valid_history") or []:
+        if h["epoch"] >= epochs:
+            break
+        for k, key in keys.items():
+            if freeze and stale[k] >= patience:
+                continue
+            value = h["result"].get(key)
+            if value is not None and value > best[k]:
+                best[k], stale[k], chosen[k] = value, 0, h
+            else:
+                stale[k] += 1
+    return chosen
+
+
+def equal_epoch_rows(spec, dataset, by_name, epochs):
+    """Rows of the equal-epoch comparison: per (protocol, domain, model, metric) the mean and
+    std over seeds of the validation metric at the epoch :func:`select_within` selects within
+    the first ``epochs`` epochs (the domain's own selection under per-domain selection, the
+    joint one otherwise); ``epochs`` of a row: the range of its runs' validations in the window."""
+    names = [m.name for m in spec.models if m.name in by_name]
+    labels = domain_names(dataset, by_name)
+    domains = []
+    for lines in by_name.values():
+        for d in (lines[0].get("instances") or {}).get("valid", {}):
+            if d not in domains:
+                domains.append(d)
+    chosen = {n: [select_within(ln, epochs) for ln in by_name[n]] for n in names}
+    seen = {}
+    for n in names:
+        counts = [len([h for h in ln.get("valid_history") or [] if h["epoch"] < epochs]) for ln in by_name[n]]
+        lo, hi = min(counts), max(counts)
+        seen[n] = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    rows = []
+    for i, protocol in enumerate(spec.protocols):
+        prefix = "" if i == 0 else f"{protocol}:"
+        for domain in domains:
+            for metric in MAIN_METRICS:
+                stats_ = {}
+                for n in names:
+                    vals = []
+                    for pick in chosen[n]:
+                        h = pick.get(domain) if domain in pick else next(iter(pick.values()), None)
+                        vals.append(None if h is None else h["result"].get(f"{prefix}{domain}/{metric}"))
+                    stats_[n] = _mean_std(vals)
+                valid = [n for n in names if not math.isnan(stats_[n][0])]
+                top = max(valid, key=lambda n: stats_[n][0]) if valid else None
+                for n in names:
+                    rows.append(OrderedDict(
+                        dataset=dataset, protocol=protocol, domain=domain, domain_name=labels.get(domain, domain),
+                        model=n, metric=metric, mean=stats_[n][0], std=stats_[n][1], seeds=len(by_name[n]),
+                        best=(n == top), significant=False, epochs=seen[n],
+                    ))
+    return rows
+
+
+def equal_epoch_section(spec, rows, heading="##"):
+    """The equal-epoch comparison in Markdown: what it is, then a table per protocol."""
+    n = spec.equal_epochs
+    out = [f"{heading} Equal epochs: validation within the first {n} epochs\n",
+           "Rows too expensive to train to early stopping on the machine at hand stop at an epoch cap (their "
+           f"`stopped by` says `cap`). To compare every row at equal training, this replays each run's model "
+           f"selection (per domain) on its validation results of its first {n} epochs and reports the selected "
+           "epoch's validation metrics, mean ± std over seeds; **bold**: best mean. Validation, not test: the "
+           "other runs rank the test instances only at the epochs they finally select. `validations`: "
+           f"evaluations in the window (fewer than {n} when a run stopped before, or validates every few "
+           "epochs).\n"]
+    names, domains = _order(rows, "model"), _order(rows, "domain")
+    idx = {(r["protocol"], r["domain"], r["model"], r["metric"]): r for r in rows}
+    seeds = {r["model"]: r["seeds"] for r in rows}
+    seen = {r["model"]: r["epochs"] for r in rows}
+    for protocol in spec.protocols:
+        head = ["model"] + [f"{d} {LABEL[m]}" for d in domains for m in MAIN_METRICS] + ["seeds", "validations"]
+        out.append(f"{protocol.capitalize()} protocol ({PROTOCOL_TEXT[protocol]}), validation:\n")
+        table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name in names:
+            cells = [name] + [_cell(idx[(protocol, d, name, m)]) for d in domains for m in MAIN_METRICS]
+            table.append("| " + " | ".join(cells + [str(seeds[name]), seen[name]]) + " |")
+        out.append("\n".join(table) + "\n")
+    return "\n".join(out)
+
+
 def _cell(row):
     if math.isnan(row["mean"]):
         return "-"
@@ -268,7 +362,9 @@ def _table(rows, protocol, metrics, timing):
     return "\n".join(out) + "\n"
 
 
-def to_markdown(spec, dataset, rows, missing=None, code=None):
+def to_markdown(spec, dataset, rows, missing=None, code=None, equal=None):
+    """The full leaderboard of one dataset; ``equal``: the rows of :func:`equal_epoch_rows`
+    (the benchmark's ``equal_epochs``), written as a section of their own."""
     out = io.StringIO()
     out.write(f"# Leaderboard: {dataset} (benchmark {spec.name})\n\n")
     out.write(
@@ -284,6 +380,8 @@ def to_markdown(spec, dataset, rows, missing=None, code=None):
         out.write(_table(rows, protocol, MAIN_METRICS, timing=True))
         out.write(f"\nMore cut-offs ({protocol}):\n\n")
         out.write(_table(rows, protocol, DETAIL_METRICS, timing=False))
+    if equal:
+        out.write("\n" + equal_epoch_section(spec, equal))
     if missing:
         out.write("\nRuns without a finished result (failed or not run yet): "
                   + ", ".join(k for keys in missing.values() for k in keys) + "\n")
@@ -429,17 +527,18 @@ def write_leaderboards(spec, runs, lines, out_dir=None):
             continue
         rows = summarize(spec, ds, by_name)
         base = os.path.join(out_dir, f"leaderboard-{ds}")
-        md = to_markdown(spec, ds, rows, missing.get(ds), code_versions(by_name))
+        equal = equal_epoch_rows(spec, ds, by_name, spec.equal_epochs) if spec.equal_epochs else None
+        md = to_markdown(spec, ds, rows, missing.get(ds), code_versions(by_name), equal)
         atomic_write_bytes(base + ".md", md.encode())
         atomic_write_bytes(base + ".csv", to_csv(rows).encode())
         plot_png(spec, ds, rows, base + ".png")
         curves = os.path.join(out_dir, f"valid-curves-{ds}.png")
         plot_valid_curves(spec, ds, by_name, curves)
         reports[ds] = {"markdown": base + ".md", "csv": base + ".csv", "png": base + ".png", "rows": rows,
-                       "curves": curves}
+                       "curves": curves, "equal_rows": equal}
         if spec.readme:
             link = os.path.relpath(base + ".md", os.path.dirname(spec.readme)).replace(os.sep, "/")
-            update_readme(spec.readme, ds, readme_block(spec, ds, rows, by_name, link), name=spec.name)
+            update_readme(spec.readme, ds, readme_block(spec, ds, rows, by_name, link, equal), name=spec.name)
             reports[ds]["readme"] = spec.readme
     return reports
 
@@ -453,9 +552,10 @@ def readme_markers(dataset, name=None):
     return f"<!-- leaderboard:{tag}:start -->", f"<!-- leaderboard:{tag}:end -->"
 
 
-def readme_block(spec, dataset, rows, by_name, markdown_link):
+def readme_block(spec, dataset, rows, by_name, markdown_link, equal=None):
     """The main tables (HR@10, NDCG@10 per domain, each protocol) with a caption each, for the
-    README; ``markdown_link``: the full leaderboard's path relative to the README."""
+    README; ``markdown_link``: the full leaderboard's path relative to the README; ``equal``:
+    the equal-epoch rows, whose section follows the main tables."""
     n_test = OrderedDict()
     for lines in by_name.values():
         for d, n in ((lines[0].get("instances") or {}).get("test") or {}).items():
@@ -478,6 +578,8 @@ def readme_block(spec, dataset, rows, by_name, markdown_link):
             f"p < {ALPHA}); test instances: " + ", ".join(f"{d} {n}" for d, n in n_test.items()) + ":\n"
         )
         out.append(_table(rows, protocol, MAIN_METRICS, timing=True))
+    if equal:
+        out.append(equal_epoch_section(spec, equal, heading="####"))
     out.append(f"More cut-offs, failed or missing runs and code versions: [{os.path.basename(markdown_link)}]"
                f"({markdown_link}).\n")
     return "\n".join(out)

@@ -20,6 +20,9 @@ A benchmark file is YAML::
     output_dir: ~                     # default saved/benchmarks/<name> (from the working
                                       # directory); a relative path is relative to this file
     save_checkpoints: true
+    equal_epochs: ~                   # N: the leaderboard adds an equal-epoch comparison, every
+                                      # run's validation after its first N epochs (per-domain
+                                      # selection within them), for rows capped at N epochs
     readme: ~                         # a Markdown file (relative to this file) whose
                                       # <!-- leaderboard:<name>/<dataset>:start/end --> markers
                                       # (or, without those, <!-- leaderboard:<dataset>:... -->)
@@ -64,7 +67,7 @@ from recbole_cdsr.config import ConfigError, check_value, warn_unknown_keys
 TOP_KEYS = {
     "name", "datasets", "models", "seeds", "protocols", "budget", "config", "config_files",
     "overrides", "baselines", "threads", "output_dir", "save_checkpoints", "hyper", "isolate_runs",
-    "readme", "jobs",
+    "readme", "jobs", "equal_epochs",
 }
 #: budget key -> config key (``minutes`` becomes ``max_train_steps`` through calibration)
 BUDGET_KEYS = {"epochs": "epochs", "steps": "max_train_steps", "steps_per_epoch": "steps_per_epoch",
@@ -167,6 +170,10 @@ class BenchmarkSpec:
             if not os.path.isfile(readme):
                 self._fail("readme", f"{readme} does not exist")
         self.readme = readme
+        equal = raw.get("equal_epochs")
+        if equal is not None and (not isinstance(equal, int) or isinstance(equal, bool) or equal < 1):
+            self._fail("equal_epochs", f"must be a positive number of epochs or ~, got {equal!r}")
+        self.equal_epochs = equal
         self.hyper = self._hyper(raw.get("hyper"), names)
         for key, value in self.config.items():
             self._check_key(f"config.{key}", key, value)
