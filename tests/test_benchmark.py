@@ -737,6 +737,23 @@ def test_equal_epoch_rows_and_section_by_hand(tmp_path):
     block = readme_block(spec, "tiny-cdsr", summary, by_name, "x.md", rows)
     assert "#### Equal epochs: validation within the first 3 epochs" in block
     assert block.index("#### Equal epochs") < block.index("More cut-offs")
+    # written by the benchmark's report: the section and its CSV
+    from recbole_cdsr.benchmark.leaderboard import write_leaderboards
+
+    runs, lines = [], []
+    for n, lns in by_name.items():
+        for ln in lns:
+            runs.append({"run_key": ln["run_key"], "config_hash": "h", "dataset": "tiny-cdsr", "name": n})
+            lines.append(dict(ln, status="ok", config_hash="h", test={}))
+    rep = write_leaderboards(spec, runs, lines, out_dir=str(tmp_path / "board"))["tiny-cdsr"]
+    with open(rep["markdown"], encoding="utf-8") as f:
+        assert "## Equal epochs: validation within the first 3 epochs" in f.read()
+    with open(rep["equal_csv"], encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 2 * 2 * 2 * 2  # protocols x domains x metrics x models
+    first = table[0]
+    assert (first["protocol"], first["domain"], first["model"], first["metric"]) == ("sampled", "A", "SASRec", "hit@10")
+    assert float(first["mean"]) == pytest.approx(0.4) and first["epochs"] == "3" and first["best"] == "False"
 
 
 def test_committed_converged_benchmark_caps_only_the_expensive_rows():

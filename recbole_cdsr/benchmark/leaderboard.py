@@ -395,10 +395,15 @@ def to_markdown(spec, dataset, rows, missing=None, code=None, equal=None):
     return out.getvalue()
 
 
-def to_csv(rows):
-    out = io.StringIO()
-    fields = ["dataset", "protocol", "domain", "domain_name", "model", "metric", "mean", "std", "seeds", "best",
+CSV_FIELDS = ["dataset", "protocol", "domain", "domain_name", "model", "metric", "mean", "std", "seeds", "best",
               "best_baseline", "p_value", "significant", "sec_per_epoch", "device", "view", "stopped", "epochs"]
+#: the equal-epoch CSV: validation means within the window; ``epochs``: validations in it
+EQUAL_FIELDS = ["dataset", "protocol", "domain", "domain_name", "model", "metric", "mean", "std", "seeds", "best",
+                "epochs"]
+
+
+def to_csv(rows, fields=CSV_FIELDS):
+    out = io.StringIO()
     w = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in rows:
@@ -515,9 +520,11 @@ def plot_valid_curves(spec, dataset, by_name, path, metric="hit@10"):
 
 def write_leaderboards(spec, runs, lines, out_dir=None):
     """Write ``leaderboard-<dataset>.{md,csv,png}`` and ``valid-curves-<dataset>.png`` into
-    ``out_dir`` (default: the output folder), and the main tables into the benchmark's
+    ``out_dir`` (default: the output folder), with ``equal_epochs`` also
+    ``leaderboard-<dataset>-equal-epochs.csv``, and the main tables into the benchmark's
     ``readme`` when it names one; return ``{dataset: {kind: path}}`` (kinds ``markdown``,
-    ``csv``, ``png``, ``curves``, ``readme`` when written; ``rows``: the summary rows)."""
+    ``csv``, ``png``, ``curves``, ``equal_csv``, ``readme`` when written; ``rows``: the summary
+    rows, ``equal_rows``: the equal-epoch rows)."""
     out_dir = out_dir or spec.output_dir
     found, missing = select_lines(runs, lines)
     reports = {}
@@ -535,7 +542,10 @@ def write_leaderboards(spec, runs, lines, out_dir=None):
         curves = os.path.join(out_dir, f"valid-curves-{ds}.png")
         plot_valid_curves(spec, ds, by_name, curves)
         reports[ds] = {"markdown": base + ".md", "csv": base + ".csv", "png": base + ".png", "rows": rows,
-                       "curves": curves, "equal_rows": equal}
+                       "curves": curves}
+        if equal:
+            atomic_write_bytes(base + "-equal-epochs.csv", to_csv(equal, EQUAL_FIELDS).encode())
+            reports[ds].update(equal_csv=base + "-equal-epochs.csv", equal_rows=equal)
         if spec.readme:
             link = os.path.relpath(base + ".md", os.path.dirname(spec.readme)).replace(os.sep, "/")
             update_readme(spec.readme, ds, readme_block(spec, ds, rows, by_name, link, equal), name=spec.name)
