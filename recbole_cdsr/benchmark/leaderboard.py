@@ -171,15 +171,21 @@ def _domain_legend(names):
     return ", ".join(f"{d} = {n}" for d, n in names.items() if n != d)
 
 
+def _domains(by_name, split):
+    """The domains with instances of ``split`` in the runs' results, in first-seen order."""
+    domains = []
+    for lines in by_name.values():
+        for d in (lines[0].get("instances") or {}).get(split, {}):
+            if d not in domains:
+                domains.append(d)
+    return domains
+
+
 def summarize(spec, dataset, by_name):
     """Rows of one dataset's leaderboard: one dict per (protocol, domain, model, metric)."""
     names = [m.name for m in spec.models if m.name in by_name]
     labels = domain_names(dataset, by_name)
-    domains = []
-    for lines in by_name.values():
-        for d in (lines[0].get("instances") or {}).get("test", {}):
-            if d not in domains:
-                domains.append(d)
+    domains = _domains(by_name, "test")
     rows = []
     for protocol in spec.protocols:
         for domain in domains:
@@ -245,11 +251,7 @@ def equal_epoch_rows(spec, dataset, by_name, epochs):
     joint one otherwise); ``epochs`` of a row: the range of its runs' validations in the window."""
     names = [m.name for m in spec.models if m.name in by_name]
     labels = domain_names(dataset, by_name)
-    domains = []
-    for lines in by_name.values():
-        for d in (lines[0].get("instances") or {}).get("valid", {}):
-            if d not in domains:
-                domains.append(d)
+    domains = _domains(by_name, "valid")
     chosen = {n: [select_within(ln, epochs) for ln in by_name[n]] for n in names}
     seen = {}
     for n in names:
