@@ -599,7 +599,7 @@ def test_readme_leaderboard_is_the_committed_run_of_the_committed_benchmark_file
     rows = summarize(spec, "food-kitchen", by_name)
     base = os.path.join(spec.output_dir, "leaderboard-food-kitchen")
     with open(base + ".md", encoding="utf-8") as f:
-        assert f.read() == to_markdown(spec, "food-kitchen", rows, missing.get("food-kitchen"), code)
+        assert f.read() == to_markdown(spec, "food-kitchen", rows, missing.get("food-kitchen"), code, by_name=by_name)
     assert spec.readme == os.path.join(spec.output_dir, "README.md")
     link = os.path.relpath(base + ".md", os.path.dirname(spec.readme)).replace(os.sep, "/")
     assert link == "leaderboard-food-kitchen.md"
@@ -794,8 +794,27 @@ def test_converged_leaderboard_is_the_committed_runs_of_the_converged_benchmark_
     equal = equal_epoch_rows(spec, "food-kitchen", by_name, spec.equal_epochs)
     base = os.path.join(spec.output_dir, "leaderboard-food-kitchen")
     with open(base + ".md", encoding="utf-8") as f:
-        assert f.read() == to_markdown(spec, "food-kitchen", rows, missing.get("food-kitchen"), code, equal)
+        assert f.read() == to_markdown(spec, "food-kitchen", rows, missing.get("food-kitchen"), code, equal, by_name)
     start, end = readme_markers("food-kitchen")
     with open(spec.readme, encoding="utf-8") as f:
         block = f.read().split(start + "\n", 1)[1].split(end, 1)[0]
     assert block == readme_block(spec, "food-kitchen", rows, by_name, "leaderboard-food-kitchen.md", equal)
+
+
+def test_runs_section_lists_each_run_with_its_stop_epochs_and_wall_time():
+    from recbole_cdsr.benchmark.leaderboard import runs_section
+
+    def line(seed, why, n, best, wall, device):
+        return {"run_key": f"d/M/seed{seed}", "timing": {"stop_reason": why, "epochs_trained": n},
+                "selection": {"best_epochs": best}, "wall_seconds": wall, "device": device}
+
+    cpu = {"device": "cpu", "cpu_threads": 2}
+    gpu = {"device": "cuda:0", "gpu": "NVIDIA H200"}
+    table = runs_section({"M": [line(1, "early_stopping", 24, {"A": 3, "B": 13}, 157.98, cpu),
+                                line(2, "epoch_cap", 10, {"joint": 9}, 12345.6, gpu),
+                                line(3, "interrupted", 2, {}, None, {})]})
+    assert table.splitlines()[2:] == [
+        "| d/M/seed1 | early | 24 | A 4, B 14 | 158 s | cpu (2 threads) |",
+        "| d/M/seed2 | cap | 10 | joint 10 | 12,346 s | NVIDIA H200 |",
+        "| d/M/seed3 | interrupted | 2 | - | - | ? |",
+    ]

@@ -364,9 +364,27 @@ def _table(rows, protocol, metrics, timing):
     return "\n".join(out) + "\n"
 
 
-def to_markdown(spec, dataset, rows, missing=None, code=None, equal=None):
+def runs_section(by_name):
+    """A Markdown table of every run in the leaderboard: why it stopped, epochs trained, the
+    epoch each selection kept (counting from 1), wall time (data, stages, training and
+    evaluation) and device."""
+    out = ["| run | stopped by | epochs | selected epoch | wall time | device |", "|---|---|---|---|---|---|"]
+    for lines in by_name.values():
+        for ln in lines:
+            why, epochs = stopping([ln])
+            why = why.rsplit(" x", 1)[0]
+            best = ((ln.get("selection") or {}).get("best_epochs") or {})
+            picked = ", ".join(f"{k} {e + 1}" for k, e in best.items() if e is not None) or "-"
+            wall = ln.get("wall_seconds")
+            wall = "-" if wall is None else f"{wall:,.0f} s"
+            out.append(f"| {ln['run_key']} | {why} | {epochs} | {picked} | {wall} | {device_of([ln])} |")
+    return "\n".join(out) + "\n"
+
+
+def to_markdown(spec, dataset, rows, missing=None, code=None, equal=None, by_name=None):
     """The full leaderboard of one dataset; ``equal``: the rows of :func:`equal_epoch_rows`
-    (the benchmark's ``equal_epochs``), written as a section of their own."""
+    (the benchmark's ``equal_epochs``), written as a section of their own; ``by_name``: the
+    runs' lines, listed one by one (:func:`runs_section`)."""
     out = io.StringIO()
     out.write(f"# Leaderboard: {dataset} (benchmark {spec.name})\n\n")
     out.write(
@@ -384,6 +402,8 @@ def to_markdown(spec, dataset, rows, missing=None, code=None, equal=None):
         out.write(_table(rows, protocol, DETAIL_METRICS, timing=False))
     if equal:
         out.write("\n" + equal_epoch_section(spec, equal))
+    if by_name:
+        out.write("\n## Runs\n\n" + runs_section(by_name))
     if missing:
         out.write("\nRuns without a finished result (failed or not run yet): "
                   + ", ".join(k for keys in missing.values() for k in keys) + "\n")
@@ -537,7 +557,7 @@ def write_leaderboards(spec, runs, lines, out_dir=None):
         rows = summarize(spec, ds, by_name)
         base = os.path.join(out_dir, f"leaderboard-{ds}")
         equal = equal_epoch_rows(spec, ds, by_name, spec.equal_epochs) if spec.equal_epochs else None
-        md = to_markdown(spec, ds, rows, missing.get(ds), code_versions(by_name), equal)
+        md = to_markdown(spec, ds, rows, missing.get(ds), code_versions(by_name), equal, by_name)
         atomic_write_bytes(base + ".md", md.encode())
         atomic_write_bytes(base + ".csv", to_csv(rows).encode())
         plot_png(spec, ds, rows, base + ".png")
