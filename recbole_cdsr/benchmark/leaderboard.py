@@ -132,22 +132,31 @@ def device_of(lines):
     return " / ".join(out)
 
 
+#: stop reasons as the leaderboard shows them
+STOP_SHORT = {"early_stopping": "early", "epoch_cap": "cap", "budget": "budget", "interrupted": "interrupted"}
+
+
+def stop_of(line):
+    """``(why, epochs)`` of one run: its stop reason (``early`` for early stopping, ``cap`` for
+    the epoch cap, ``budget``, ``interrupted``) and the epochs it trained. Lines written before
+    the reason was recorded: ``budget`` when the budget stopped them, ``cap`` when they trained
+    their config's epochs, else ``early``."""
+    t = line.get("timing") or {}
+    n = t.get("epochs_trained") or len(t.get("train_epoch_seconds") or [])
+    why = t.get("stop_reason")
+    if why is None:
+        cap = (line.get("config") or {}).get("epochs")
+        why = "budget" if t.get("stopped_by_budget") else ("epoch_cap" if cap is not None and n >= cap else
+                                                           "early_stopping")
+    return STOP_SHORT.get(why, why), n
+
+
 def stopping(lines):
-    """``(why, epochs)`` of a model's runs: each stop reason with its count (``early`` for
-    early stopping, ``cap`` for the epoch cap, ``budget``, ``interrupted``) and the range of
-    epochs trained. Lines written before the reason was recorded: ``budget`` when the budget
-    stopped them, ``cap`` when they trained their config's epochs, else ``early``."""
-    short = {"early_stopping": "early", "epoch_cap": "cap", "budget": "budget", "interrupted": "interrupted"}
+    """``(why, epochs)`` of a model's runs: each stop reason of :func:`stop_of` with its count
+    and the range of epochs trained."""
     reasons, epochs = OrderedDict(), []
     for ln in lines:
-        t = ln.get("timing") or {}
-        n = t.get("epochs_trained") or len(t.get("train_epoch_seconds") or [])
-        why = t.get("stop_reason")
-        if why is None:
-            cap = (ln.get("config") or {}).get("epochs")
-            why = "budget" if t.get("stopped_by_budget") else ("epoch_cap" if cap is not None and n >= cap else
-                                                               "early_stopping")
-        why = short.get(why, why)
+        why, n = stop_of(ln)
         reasons[why] = reasons.get(why, 0) + 1
         epochs.append(n)
     lo, hi = (min(epochs), max(epochs)) if epochs else (0, 0)
@@ -371,8 +380,7 @@ def runs_section(by_name):
     out = ["| run | stopped by | epochs | selected epoch | wall time | device |", "|---|---|---|---|---|---|"]
     for lines in by_name.values():
         for ln in lines:
-            why, epochs = stopping([ln])
-            why = why.rsplit(" x", 1)[0]
+            why, epochs = stop_of(ln)
             best = ((ln.get("selection") or {}).get("best_epochs") or {})
             picked = ", ".join(f"{k} {e + 1}" for k, e in best.items() if e is not None) or "-"
             wall = ln.get("wall_seconds")
