@@ -295,8 +295,9 @@ def equal_epoch_section(spec, rows, heading="##"):
     n = spec.equal_epochs
     out = [f"{heading} Equal epochs: validation within the first {n} epochs\n",
            "Rows too expensive to train to early stopping on the machine at hand stop at an epoch cap (their "
-           f"`stopped by` says `cap`). To compare every row at equal training, this replays each run's model "
-           f"selection (per domain) on its validation results of its first {n} epochs and reports the selected "
+           f"`stopped by` says `cap`). To compare every row at equal training, this replays each run's own model "
+           f"selection (per domain, or joint where the run selects jointly) on its validation results of its "
+           f"first {n} epochs and reports the selected "
            "epoch's validation metrics, mean ± std over seeds; **bold**: best mean. Validation, not test: the "
            "other runs rank the test instances only at the epochs they finally select. `validations`: "
            f"evaluations in the window (fewer than {n} when a run stopped before, or validates every few "
