@@ -9,6 +9,7 @@ protocol, model selection, epoch and evaluation times).
 import logging
 import os
 import platform
+from contextlib import contextmanager
 from logging import getLogger
 from time import time
 
@@ -100,7 +101,8 @@ def run_recbole_cdsr(
             it and returns ``test_result=None``.
         save_results: write the results file (default: ``saved``).
         report: a callable that receives one line of text per validation (epoch, training
-            time, validation scores, time left), also when ``verbose`` is False.
+            time, validation scores, time left), also when ``verbose`` is False; in a quiet
+            run it also receives the stages' progress lines (:func:`stage_lines_to`).
 
     Returns:
         dict: ``best_valid_score``, ``best_valid_result``, ``test_result`` (flat RecBole
@@ -119,6 +121,46 @@ def run_recbole_cdsr(
         torch.set_num_threads(threads_before)
 
 
+class _ReportHandler(logging.Handler):
+    """Hands each INFO line of recbole_cdsr's loggers to ``report``; warnings and errors go on
+    to the root logger's handlers (the run's console and log file), as without it."""
+
+    def __init__(self, report):
+        super().__init__(logging.INFO)
+        self.report = report
+
+    def emit(self, record):
+        if record.levelno >= logging.WARNING:
+            for h in logging.getLogger().handlers:
+                if record.levelno >= h.level:
+                    h.handle(record)
+        else:
+            self.report(record.getMessage())
+
+
+@contextmanager
+def stage_lines_to(report):
+    """While a run's stages are prepared in a quiet run (``verbose=False``, the root logger at
+    WARNING) that has a ``report`` callback, e.g. a benchmark run: the stages' progress lines
+    (INFO of the ``recbole_cdsr`` loggers: embedding parts, generation, stage-2 epochs with
+    their time left) go to ``report``, so an hour of stages is not silent. ``None``: as is."""
+    if report is None:
+        yield
+        return
+    pkg = logging.getLogger("recbole_cdsr")
+    handler = _ReportHandler(report)
+    level, propagate = pkg.level, pkg.propagate
+    pkg.setLevel(logging.INFO)
+    pkg.propagate = False
+    pkg.addHandler(handler)
+    try:
+        yield
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(level)
+        pkg.propagate = propagate
+
+
 def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=None):
     if config["cpu_allocator_tuning"] and getattr(config["device"], "type", "") == "cpu":
         tune_cpu_allocator()
@@ -135,7 +177,8 @@ def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=No
     prepare = get_stages(config["model"])
     if prepare is not None:
         logger.info(f"{config['model']}: preparing its stages (cached next to the dataset; reused when unchanged)")
-        updates, stages = prepare(config)
+        with stage_lines_to(report if not verbose else None):
+            updates, stages = prepare(config)
         for k, v in updates.items():
             config[k] = v
     stage_seconds = time() - t0

@@ -98,7 +98,13 @@ def test_openai_completions_endpoint_and_bad_config(server):
         OpenAIBackend("localhost:8000", "m")
 
 
-def test_generation_job_records_failures_and_resumes(tmp_path, server):
+def test_generation_job_records_failures_and_resumes(tmp_path, server, caplog, monkeypatch):
+    import logging
+
+    import recbole_cdsr.llm.generation as generation
+
+    monkeypatch.setattr(generation, "PROGRESS_SECONDS", 0)  # without a bar: a progress line per batch
+    caplog.set_level(logging.INFO, logger="recbole_cdsr.llm.generation")
     url, calls = server
     reqs = [{"user": f"A_{i}", "domain": "A", "prompt": f"p{i}\nu {'always500' if i == 3 else 'good'} {i}"} for i in range(6)]
     job = Job(str(tmp_path), "toy", _backend(url), parser="llm", settings={"seed": 1}, batch_size=2,
@@ -111,10 +117,15 @@ def test_generation_job_records_failures_and_resumes(tmp_path, server):
     man = json.loads(open(job.manifest).read())
     assert man["users_failed"] == 1 and man["complete"] is False
     assert man["identity"]["backend"]["model"] == "test-model" and man["identity"]["parser"] == "llm"
+    said = [r.getMessage().split(" (")[0] for r in caplog.records if "users (" in r.getMessage()]
+    assert said == ["LLM generation: 2 of 6 users", "LLM generation: 4 of 6 users", "LLM generation: 6 of 6 users"]
+    caplog.clear()
     before = dict(calls)
     job.run(reqs)  # rerun: only the failed user is asked again
     asked = {k: calls[k] - before.get(k, 0) for k in calls if calls[k] != before.get(k, 0)}
     assert list(asked) == ["u always500 3"]
+    said = [r.getMessage() for r in caplog.records if "users (" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("LLM generation: 6 of 6 users (1 this run in ")
 
 
 class _Crashy:

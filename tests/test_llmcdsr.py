@@ -190,6 +190,34 @@ def test_one_command_runs_all_stages_and_caches_them(tmp_path, slice_data, capsy
     assert stamps == {f: os.path.getmtime(data / "fk-slice" / f) for f in stamps}
 
 
+@pytest.mark.slow
+def test_quiet_run_reports_its_stages_progress(tmp_path, slice_data, caplog):
+    """A quiet run with a ``report`` callback (how the benchmark runs) hands the stages'
+    progress lines to ``report`` (stage 1's generation count, each stage-2 epoch of both
+    domains), then the training's; stage 1's warning still goes to the log, not to ``report``;
+    the package logger is as before once the run ends."""
+    import logging
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(slice_data, "fk-slice"), data / "fk-slice",
+                    ignore=shutil.ignore_patterns("*.pseudo-*", "*.pretrain-*", "*.gen-*"))
+    cfg = base_config(str(tmp_path), data_path=str(data), epochs=1, steps_per_epoch=2, train_batch_size=16,
+                      aug_batch_size=8, meta_batch_size=16, eval_neg_num=50, pretrain_epochs=1)
+    lines = []
+    with caplog.at_level(logging.WARNING):
+        run_recbole_cdsr("LLMCDSR", "fk-slice", config_dict=cfg, saved=False, verbose=False, report=lines.append)
+    stage1 = [x for x in lines if x.startswith("stage 1: retrieval stand-in (not an LLM): ")]
+    assert stage1 and stage1[-1].split(": ")[2].startswith(f"{len(stage1_inputs(str(data / 'fk-slice'), 'fk-slice')[0])} of ")
+    for dom, k in (("A", 1), ("B", 2)):
+        assert sum(x.startswith(f"stage 2 [domain {dom}, {k} of 2]: epoch 1/1: ") for x in lines) == 1
+    assert lines[-1].startswith("epoch 1/1: train ")
+    assert lines.index(stage1[-1]) < min(i for i, x in enumerate(lines) if x.startswith("stage 2"))
+    assert not any("RETRIEVAL STAND-IN" in x for x in lines) and "RETRIEVAL STAND-IN" in caplog.text
+    pkg = logging.getLogger("recbole_cdsr")
+    assert pkg.propagate and pkg.level == logging.NOTSET and not pkg.handlers
+
+
 @pytest.mark.parametrize("inner,aug_input_grad", [("adam", False), ("sgd", False), ("adam_fresh", False),
                                                   ("adam", True)])
 def test_split_meta_gradient_equals_the_full_second_order_one(tmp_path, slice_data, side_info, inner,

@@ -75,6 +75,9 @@ def parse_names_public(text):
 NAME_PARSERS = {"lines": parse_names, "public": parse_names_public}
 
 
+PROGRESS_SECONDS = 30  # a job without a progress bar logs how far it is at most this often
+
+
 class GenerationJob:
     """Generation for a set of users, resumable through an append-only JSONL file.
 
@@ -194,6 +197,7 @@ class GenerationJob:
         os.makedirs(os.path.dirname(os.path.abspath(self.jsonl)), exist_ok=True)
         self._drop_torn_tail()
         t0 = time.time()
+        said = t0  # without a bar: a progress line at most every PROGRESS_SECONDS, and one at the end
         with open(self.jsonl, "a", encoding="utf-8") as f:
             for i in range(0, len(todo), self.batch_size):
                 batch = todo[i : i + self.batch_size]
@@ -222,6 +226,13 @@ class GenerationJob:
                 os.fsync(f.fileno())
                 if bar is not None:
                     bar.update(len(batch))
+                elif todo:
+                    now, n_done = time.time(), i + len(batch)
+                    if now - said >= PROGRESS_SECONDS or n_done == len(todo):
+                        said = now
+                        left = (now - t0) / n_done * (len(todo) - n_done)
+                        logger.info(f"{self.desc}: {len(requests) - len(todo) + n_done} of {len(requests)} users "
+                                    f"({n_done} this run in {(now - t0) / 60:.1f} min; about {left / 60:.1f} min left)")
         if bar is not None:
             bar.close()
         recs = self.load_records()
