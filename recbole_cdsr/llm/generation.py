@@ -226,7 +226,7 @@ class GenerationJob:
                 os.fsync(f.fileno())
                 if bar is not None:
                     bar.update(len(batch))
-                elif todo:
+                else:  # inside the loop, so todo has users
                     now, n_done = time.time(), i + len(batch)
                     if now - said >= PROGRESS_SECONDS or n_done == len(todo):
                         said = now
