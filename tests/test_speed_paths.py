@@ -241,6 +241,45 @@ def test_fused_losses_equal_calculate_loss(model_env, model):
     assert nonzero >= 2
 
 
+def test_fast_caser_equals_recboles_caser(model_env):
+    """fast_layers gives Caser a forward with 1-d convolutions: on real rows, the training
+    loss (dropout on, same seed), every parameter's gradient and the full-sort scores equal
+    RecBole's own forward; the parameters and state dict stay RecBole's."""
+    import copy
+
+    from recbole_cdsr.model.layers import _caser_conv_forward, fast_caser
+
+    tmp, data = model_env
+    config, ds, train, valid, net = _build("Caser", tmp, data)
+    fast = fast_caser(copy.deepcopy(net))
+    assert fast.forward.__func__ is _caser_conv_forward and net.forward.__func__ is not _caser_conv_forward
+    assert list(fast.state_dict()) == list(net.state_dict())
+    lengths = train._dataset.inter_feat["item_length"].numpy()
+    idx = np.concatenate([np.nonzero(lengths <= 3)[0][:16], np.nonzero(lengths >= 20)[0][:16]])
+    assert len(idx) == 32
+    batch = train.collate_fn(idx)
+    losses, grads = [], []
+    for m in (net, fast):
+        m.train()
+        _seed(7)
+        loss = m.calculate_loss(batch)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, list(m.parameters())))
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6), (losses[0].item(), losses[1].item())
+    nonzero = 0
+    for (name, _), a, r in zip(net.named_parameters(), grads[1], grads[0]):
+        assert torch.allclose(a, r, rtol=1e-4, atol=1e-6), name
+        nonzero += int(r.abs().sum() > 0)
+    assert nonzero >= len(grads[0]) - 1  # every conv_h height, conv_v, fc1, fc2 and the embeddings
+    vi = valid._dataset.inter_feat
+    inter = vi[torch.arange(40)]
+    net.eval(), fast.eval()
+    with torch.no_grad():
+        ref, got = net.full_sort_predict(inter), fast.full_sort_predict(inter)
+    assert ref.shape == got.shape and torch.allclose(ref, got, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(ref[0], ref[1])
+
+
 # -- whole-sequence training equals the prefix rows --------------------------------------
 @pytest.mark.parametrize("model", sorted(SEQUENCE_MODELS))
 @pytest.mark.parametrize("loss_type", ["CE", "BPR"])
