@@ -75,6 +75,7 @@ CONFIG_SCHEMA = {
     "use_gpu": (_BOOL, None),
     "cpu_allocator_tuning": (_BOOL, None),
     "fast_layers": (_BOOL, None),
+    "resumable": (_BOOL, None),
     "dynamic_padding": (_STR + _BOOL, ("auto", "on", "off", True, False)),
     "length_group_batches": (_INT, None),
     "fused_loss": (_BOOL, None),

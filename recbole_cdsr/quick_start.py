@@ -256,6 +256,8 @@ def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=No
             "stopped_by_budget": trainer.stopped_by_budget,
             "stop_reason": trainer.stop_reason,
             "epochs_trained": trainer.epochs_done,
+            # processes that continued an interrupted run: [{"epoch": first epoch, "at": time}]
+            "resumed_at": trainer.resumed_at,
         },
         "valid_history": trainer.eval_history,
         "versions": package_versions(),

@@ -213,3 +213,67 @@ def test_results_say_why_training_stopped(tmp_path, slice_data, monkeypatch):
     assert (res["timing"]["stop_reason"], res["timing"]["epochs_trained"]) == ("interrupted", 2)
     assert len(res["valid_history"]) == 2 and res["test"]["full"]["A/hit@10"] == out["test_result"]["full:A/hit@10"]
     assert set(res["selection"]["best_epochs"]) == {"A", "B"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,opts", [
+    ("SASRec", {}),  # whole-sequence view, dropout (torch stream), length-grouped loader (its generator)
+    ("GRU4Rec", {"loss_type": "BPR", "train_view": "prefix",  # negatives from numpy's stream
+                 "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}}),
+])
+def test_an_interrupted_run_continues_after_its_last_finished_epoch(tmp_path, slice_data, model, opts):
+    """resumable: a run killed during its third epoch's validation, started again with the
+    same config, continues after epoch 2 and ends exactly as the uninterrupted run: the same
+    validation history, best epochs and test figures; the state file is gone at the end. A
+    run with another config does not take the state; a damaged state is one clear error."""
+    cfg = dict(epochs=5, steps_per_epoch=4, train_batch_size=32, eval_neg_num=50, seed=3, **opts)
+
+    def go(tmp, report=None, **kw):
+        c = base_config(tmp, data_path=slice_data, resumable=True, **dict(cfg, **kw))
+        return run(model, "fk-slice", config_dict=c, saved=False, verbose=False, report=report)
+
+    whole = go(str(tmp_path / "whole"))
+    assert whole["results"]["timing"]["resumed_at"] == []
+
+    class Killed(BaseException):
+        pass
+
+    lines = []
+
+    def killer(line):
+        lines.append(line)
+        if len(lines) == 3:
+            raise Killed
+
+    tmp = str(tmp_path / "cut")
+    with pytest.raises(Killed):
+        go(tmp, report=killer)
+    states = [f for f in os.listdir(os.path.join(tmp, "saved")) if f.endswith(".resume.pth")]
+    assert len(states) == 1 and states[0].startswith(f"{model}-fk-slice-seed3-")
+    assert not [f for f in os.listdir(os.path.join(tmp, "saved")) if f.endswith(".tmp")]
+    said = []
+    again = go(tmp, report=said.append)
+    assert said[0].startswith("continuing after epoch 2 of an interrupted run")
+    assert len(said) == 1 + 3  # the line above, then the validations of epochs 3-5
+    r, w = again["results"], whole["results"]
+    assert [h["epoch"] for h in r["valid_history"]] == [0, 1, 2, 3, 4]
+    assert r["valid_history"] == w["valid_history"]
+    assert r["selection"]["best_epochs"] == w["selection"]["best_epochs"]
+    assert again["test_result"] == whole["test_result"]
+    assert r["test_instances"] == w["test_instances"]
+    assert [x["epoch"] for x in r["timing"]["resumed_at"]] == [2]
+    assert (r["timing"]["epochs_trained"], r["timing"]["stop_reason"]) == (5, "epoch_cap")
+    assert len(r["timing"]["train_epoch_seconds"]) == 5 and r["timing"]["train_steps"] == 20
+    assert not [f for f in os.listdir(os.path.join(tmp, "saved")) if f.endswith(".resume.pth")]
+
+    with pytest.raises(Killed):
+        lines.clear()
+        go(tmp, report=killer)
+    other = go(tmp, learning_rate=0.002)  # another config: its own run from the first epoch
+    assert other["results"]["timing"]["resumed_at"] == []
+    path = os.path.join(tmp, "saved", states[0])
+    assert os.path.exists(path)
+    with open(path, "wb") as f:
+        f.write(b"not a torch file")
+    with pytest.raises(RuntimeError, match="cannot be read.*delete it"):
+        go(tmp)

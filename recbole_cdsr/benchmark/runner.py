@@ -48,6 +48,7 @@ def execute_run(run):
     cfg["checkpoint_dir"] = os.path.join(run["output_dir"], "checkpoints")
     cfg["results_dir"] = os.path.join(run["output_dir"], "runs")
     cfg["show_progress"] = False
+    cfg.setdefault("resumable", True)  # a run cut short continues after its last finished epoch
     try:
         out = run_recbole_cdsr(
             run["model"], run["dataset"], run["config_files"] or None, cfg,

@@ -101,6 +101,9 @@ class FlatDifferentiableAdam(higher.optim.DifferentiableAdam):
 
 
 class LLMCDSRTrainer(CDSRTrainer):
+    #: its augmentation and meta loaders cycle across epochs; their positions are not saved
+    resume_supported = False
+
     def __init__(self, config, model):
         super().__init__(config, model)
         self.mode = model.mode

@@ -17,6 +17,9 @@ from recbole_cdsr.trainer.trainer import CDSRTrainer
 
 
 class S3RecCDSRTrainer(CDSRTrainer):
+    #: pre-training, then fine-tuning with a new optimiser: one state would not say which
+    resume_supported = False
+
     def __init__(self, config, model):
         super().__init__(config, model)
         self.pretrain_epochs = config["pretrain_epochs"]

@@ -20,12 +20,25 @@ Model selection (``model_selection``):
 
 Checkpoints hold only tensors and plain values (the config as JSON-able values), so they
 load with ``torch.load(weights_only=True)`` on any torch.
+
+Resuming (``resumable: True``, the default of benchmark runs): after every epoch the trainer
+writes the whole training state (weights, optimiser, early-stopping counters, the kept best
+epochs, the history, every random stream: torch, numpy, Python, the training loader's
+generator) to ``<checkpoint_dir>/<model>-<dataset>-seed<seed>-<id>.resume.pth`` (a temporary
+name, then a rename), where ``<id>`` hashes the run's config. A run started again with the
+same config continues after the last finished epoch and ends as the uninterrupted run would
+have; the file is removed when training ends.
 """
 
+import hashlib
+import json
 import math
 import os
+import random
+from datetime import datetime, timezone
 from time import time
 
+import numpy as np
 import torch
 from torch.nn.utils.clip_grad import clip_grad_norm_
 
@@ -36,9 +49,21 @@ from recbole_cdsr.evaluation.protocol import OVERALL, ProtocolEvaluator
 from recbole_cdsr.utils import to_jsonable
 
 
+RESUME_FORMAT = 1
+#: config keys that do not change what a run computes: left out of a resume state's identity
+RESUME_NEUTRAL_KEYS = frozenset({"resumable", "show_progress", "checkpoint_dir", "results_dir", "state"})
+
+
 class CDSRTrainer(Trainer):
+    #: fit can continue an interrupted run (``resumable``); a trainer holding training state of
+    #: its own beyond the model, the optimiser and the training loader says False
+    resume_supported = True
+
     def __init__(self, config, model):
         super().__init__(config, model)
+        self.resumable = bool(config["resumable"])
+        self.resume_file = None
+        self.resumed_at = []  # [{"epoch": first epoch of the continuing process, "at": iso time}]
         self.selection = config["model_selection"]
         self.freeze_stopped = bool(config["freeze_stopped_domains"])
         self.steps_per_epoch = config["steps_per_epoch"]
@@ -166,23 +191,32 @@ class CDSRTrainer(Trainer):
         best = {k: -math.inf for k in keys}
         stale = {k: 0 for k in keys}
         evaluated = False
-        epoch_idx = self.start_epoch - 1
+        first = self.start_epoch
+        if self.resumable:
+            first, evaluated = self._open_resume_state(train_data, best, stale, evaluated)
+        epoch_idx = first - 1
         if self.time_budget_seconds is not None and self._deadline is None:
             self._deadline = time() + self.time_budget_seconds
         self.stop_reason = "epoch_cap"
         try:
-            for epoch_idx in range(self.start_epoch, self.epochs):
+            for epoch_idx in range(first, self.epochs):
                 done, evaluated_now = self._fit_epoch(train_data, valid_data, epoch_idx, keys, best, stale, saved,
                                                       verbose, show_progress, callback_fn)
                 evaluated = evaluated or evaluated_now
                 if done:
                     break
+                if self.resume_file:
+                    self._write_resume_state(train_data, epoch_idx, best, stale, evaluated)
         except KeyboardInterrupt:
             self.stop_reason = "interrupted"
             self.logger.warning(
                 f"interrupted in epoch {epoch_idx + 1}: training stops here; the test split is ranked with "
                 "the best epochs so far and the results file says the run was interrupted (Ctrl-C again to abort)"
+                + (f"; {self.resume_file} is kept: the same run started again continues after the last finished "
+                   "epoch" if self.resume_file and os.path.exists(self.resume_file) else "")
             )
+        if self.resume_file and self.stop_reason != "interrupted" and os.path.exists(self.resume_file):
+            os.remove(self.resume_file)
         self.epochs_done = epoch_idx + 1 - self.start_epoch
         if not evaluated:
             # No validation happened: the final weights stand for every selection key.
@@ -232,7 +266,7 @@ class CDSRTrainer(Trainer):
             else:
                 stale[k] += 1
         stopped = all(v >= self.stopping_step for v in stale.values())
-        done = epoch_idx + 1 - self.start_epoch
+        done = len(self.train_epoch_times)
         per = (sum(self.train_epoch_times) + sum(self.eval_times)) / max(done, 1)
         left = max(self.epochs - epoch_idx - 1, 0) * per
         line = (f"epoch {epoch_idx + 1}/{self.epochs}: train {self.train_epoch_times[-1]:.1f} s, valid "
@@ -257,6 +291,94 @@ class CDSRTrainer(Trainer):
                     f"(best epochs: { {k: v['epoch'] for k, v in self.best_states.items()} })"
                 )
         return stopped, True
+
+    # -- resuming ----------------------------------------------------------------------
+    def resume_identity(self):
+        """SHA-256 of what the run computes: the model and trainer classes and the config
+        (less :data:`RESUME_NEUTRAL_KEYS`). A resume state is used only by a run with the same."""
+        cfg = to_jsonable(self.config.final_config_dict)
+        cfg = {k: v for k, v in cfg.items() if k not in RESUME_NEUTRAL_KEYS}
+        blob = json.dumps({"model": type(self.model).__name__, "trainer": type(self).__name__, "config": cfg},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _open_resume_state(self, train_data, best, stale, evaluated):
+        """Set ``resume_file``; when it holds a state, load it. Returns ``(first epoch to
+        train, evaluated)``."""
+        if not self.resume_supported:
+            self.logger.warning(f"resumable: {type(self).__name__} keeps training state of its own; an "
+                                "interrupted run of this model starts over from its first epoch")
+            return self.start_epoch, evaluated
+        c = self.config
+        ident = self.resume_identity()
+        self.resume_file = os.path.join(
+            self.checkpoint_dir, f"{c['model']}-{c['dataset']}-seed{c['seed']}-{ident[:12]}.resume.pth")
+        if not os.path.exists(self.resume_file):
+            return self.start_epoch, evaluated
+        try:
+            st = torch.load(self.resume_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged file is named, not trusted
+            raise RuntimeError(f"resume state {self.resume_file} cannot be read (not a weights-only torch file: "
+                               f"{type(e).__name__}); delete it to train this run from its first epoch") from e
+        if st.get("format") != RESUME_FORMAT or st.get("identity") != ident:
+            raise RuntimeError(f"resume state {self.resume_file} was written by another format or config; "
+                               "delete it to train this run from its first epoch")
+        self.model.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        best.update(st["best"])
+        stale.update(st["stale"])
+        self.best_states = st["best_states"]
+        self.eval_history = st["eval_history"]
+        self.train_epoch_times = st["train_epoch_times"]
+        self.eval_times = st["eval_times"]
+        self.train_loss_dict = st["train_loss_dict"]
+        self.steps_done = st["steps_done"]
+        self.resumed_at = st["resumed_at"]
+        _set_rng_state(st["rng"], train_data)
+        self._load_extra_resume_state(st["extra"])
+        first = st["epoch"] + 1
+        self.resumed_at.append({"epoch": first, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        line = (f"continuing after epoch {first} of an interrupted run ({self.resume_file}: "
+                f"{len(self.eval_history)} validations so far)")
+        self.logger.warning(line)
+        if self.report is not None:
+            self.report(line)
+        return first, st["evaluated"]
+
+    def _write_resume_state(self, train_data, epoch_idx, best, stale, evaluated):
+        state = {
+            "format": RESUME_FORMAT,
+            "identity": self.resume_identity(),
+            "epoch": epoch_idx,
+            "model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "best": {k: float(v) for k, v in best.items()},
+            "stale": {k: int(v) for k, v in stale.items()},
+            "evaluated": bool(evaluated),
+            "best_states": {k: {"state": e["state"], "epoch": int(e["epoch"]), "score": float(e["score"]),
+                                "file": e["file"]} for k, e in self.best_states.items()},
+            "eval_history": [{"epoch": int(h["epoch"]), "result": {k: float(v) for k, v in h["result"].items()}}
+                             for h in self.eval_history],
+            "train_epoch_times": [float(t) for t in self.train_epoch_times],
+            "eval_times": [float(t) for t in self.eval_times],
+            "train_loss_dict": {int(k): (tuple(float(x) for x in v) if isinstance(v, tuple) else float(v))
+                                for k, v in self.train_loss_dict.items()},
+            "steps_done": int(self.steps_done),
+            "resumed_at": self.resumed_at,
+            "rng": _rng_state(train_data),
+            "extra": self._extra_resume_state(),
+        }
+        os.makedirs(os.path.dirname(self.resume_file) or ".", exist_ok=True)
+        tmp = self.resume_file + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.resume_file)
+
+    def _extra_resume_state(self):
+        """Training state of a subclass (tensors and plain values), saved with the rest."""
+        return {}
+
+    def _load_extra_resume_state(self, extra):
+        pass
 
     def _keep_best(self, key, epoch, score, saved):
         state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
@@ -334,3 +456,29 @@ class CDSRTrainer(Trainer):
 
 def _fmt(result, keys_per_line=None):
     return "  ".join(f"{k}: {v:.4f}" for k, v in result.items() if "@10" in k)
+
+
+def _rng_state(train_data):
+    """Every random stream a training epoch draws from, as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+        "loader": train_data.generator.get_state() if getattr(train_data, "generator", None) is not None else None,
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st, train_data):
+    torch.set_rng_state(st["torch"])
+    kind, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = st["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if st["loader"] is not None and getattr(train_data, "generator", None) is not None:
+        train_data.generator.set_state(st["loader"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
