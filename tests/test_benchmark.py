@@ -820,3 +820,9 @@ def test_runs_section_lists_each_run_with_its_stop_epochs_and_wall_time():
         "| d/M/seed2 | cap | 10 | joint 10 | 12,346 s | NVIDIA H200 |",
         "| d/M/seed3 | interrupted | 2 | - | - | ? |",
     ]
+    resumed = line(4, "epoch_cap", 3, {"A": 2}, 50.2, cpu)
+    resumed["timing"].update(resumed_at=[{"epoch": 1, "at": "t"}, {"epoch": 2, "at": "u"}],
+                             train_epoch_seconds=[30.0, 31.0, 32.0], valid_eval_seconds=[1.5, 1.5, 1.0])
+    assert runs_section({"M": [resumed]}).splitlines()[2] == (
+        "| d/M/seed4 | cap | 3 | A 3 | 50 s in the last of 3 processes (continued after epochs 1, 2; "
+        "training and validation in all: 97 s) | cpu (2 threads) |")

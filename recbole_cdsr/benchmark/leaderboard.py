@@ -377,7 +377,8 @@ def _table(rows, protocol, metrics, timing):
 def runs_section(by_name):
     """A Markdown table of every run in the leaderboard: why it stopped, epochs trained, the
     epoch each selection kept (counting from 1), wall time (data, stages, training and
-    evaluation) and device."""
+    evaluation; for a run continued after an interruption, its last process's, with the
+    seconds of all its epochs) and device."""
     out = ["| run | stopped by | epochs | selected epoch | wall time | device |", "|---|---|---|---|---|---|"]
     for lines in by_name.values():
         for ln in lines:
@@ -386,6 +387,13 @@ def runs_section(by_name):
             picked = ", ".join(f"{k} {e + 1}" for k, e in best.items() if e is not None) or "-"
             wall = ln.get("wall_seconds")
             wall = "-" if wall is None else f"{wall:,.0f} s"
+            timing = ln.get("timing") or {}
+            resumed = timing.get("resumed_at") or []
+            if resumed and wall != "-":  # wall_seconds is the last process's; the epochs ran in several
+                spent = sum(timing.get("train_epoch_seconds") or []) + sum(timing.get("valid_eval_seconds") or [])
+                wall = (f"{wall} in the last of {len(resumed) + 1} processes (continued after epoch"
+                        f"{'s' if len(resumed) > 1 else ''} {', '.join(str(r['epoch']) for r in resumed)}; "
+                        f"training and validation in all: {spent:,.0f} s)")
             out.append(f"| {ln['run_key']} | {why} | {epochs} | {picked} | {wall} | {device_of([ln])} |")
     return "\n".join(out) + "\n"
 
