@@ -52,6 +52,9 @@ from recbole_cdsr.utils import to_jsonable
 RESUME_FORMAT = 1
 #: config keys that do not change what a run computes: left out of a resume state's identity
 RESUME_NEUTRAL_KEYS = frozenset({"resumable", "show_progress", "checkpoint_dir", "results_dir", "state"})
+#: trainer attributes a resume state restores as they were written
+_RESUMED_ATTRIBUTES = ("best_states", "eval_history", "train_epoch_times", "eval_times", "train_loss_dict",
+                       "steps_done", "resumed_at")
 
 
 class CDSRTrainer(Trainer):
@@ -327,13 +330,8 @@ class CDSRTrainer(Trainer):
         self.optimizer.load_state_dict(st["optimizer"])
         best.update(st["best"])
         stale.update(st["stale"])
-        self.best_states = st["best_states"]
-        self.eval_history = st["eval_history"]
-        self.train_epoch_times = st["train_epoch_times"]
-        self.eval_times = st["eval_times"]
-        self.train_loss_dict = st["train_loss_dict"]
-        self.steps_done = st["steps_done"]
-        self.resumed_at = st["resumed_at"]
+        for name in _RESUMED_ATTRIBUTES:
+            setattr(self, name, st[name])
         _set_rng_state(st["rng"], train_data)
         self._load_extra_resume_state(st["extra"])
         first = st["epoch"] + 1
