@@ -333,7 +333,6 @@ class CDSRTrainer(Trainer):
         for name in _RESUMED_ATTRIBUTES:
             setattr(self, name, st[name])
         _set_rng_state(st["rng"], train_data)
-        self._load_extra_resume_state(st["extra"])
         first = st["epoch"] + 1
         self.resumed_at.append({"epoch": first, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         line = (f"continuing after epoch {first} of an interrupted run ({self.resume_file}: "
@@ -364,19 +363,11 @@ class CDSRTrainer(Trainer):
             "steps_done": int(self.steps_done),
             "resumed_at": self.resumed_at,
             "rng": _rng_state(train_data),
-            "extra": self._extra_resume_state(),
         }
         os.makedirs(os.path.dirname(self.resume_file) or ".", exist_ok=True)
         tmp = self.resume_file + ".tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.resume_file)
-
-    def _extra_resume_state(self):
-        """Training state of a subclass (tensors and plain values), saved with the rest."""
-        return {}
-
-    def _load_extra_resume_state(self, extra):
-        pass
 
     def _keep_best(self, key, epoch, score, saved):
         state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
