@@ -66,6 +66,7 @@ class CDSRTrainer(Trainer):
         super().__init__(config, model)
         self.resumable = bool(config["resumable"])
         self.resume_file = None
+        self.resume_id = None  # resume_identity(), set when fit opens the resume state
         self.resumed_at = []  # [{"epoch": first epoch of the continuing process, "at": iso time}]
         self.selection = config["model_selection"]
         self.freeze_stopped = bool(config["freeze_stopped_domains"])
@@ -313,7 +314,7 @@ class CDSRTrainer(Trainer):
                                 "interrupted run of this model starts over from its first epoch")
             return self.start_epoch, evaluated
         c = self.config
-        ident = self.resume_identity()
+        ident = self.resume_id = self.resume_identity()
         self.resume_file = os.path.join(
             self.checkpoint_dir, f"{c['model']}-{c['dataset']}-seed{c['seed']}-{ident[:12]}.resume.pth")
         if not os.path.exists(self.resume_file):
@@ -345,7 +346,7 @@ class CDSRTrainer(Trainer):
     def _write_resume_state(self, train_data, epoch_idx, best, stale, evaluated):
         state = {
             "format": RESUME_FORMAT,
-            "identity": self.resume_identity(),
+            "identity": self.resume_id,
             "epoch": epoch_idx,
             "model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
