@@ -224,3 +224,53 @@ def test_public_backbone_initialisation_is_xavier_normal():
     assert abs(f.conv1.weight.std().item() - (1.0 / 64) ** 0.5) < 0.01
     assert 0 < f.conv1.bias.abs().max().item() <= 1.0 / 8  # the convolution's uniform(+-1/sqrt(64)) bias
     assert enc.last_layernorm.eps == 1e-8
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_public_backbone_packed_slots_give_the_padded_function_and_draws(training):
+    """Run on the kept slots alone (padding and a view's blanked slots out of the per-slot
+    layers), the encoder gives the outputs and gradients of the run over every slot, with
+    dropout on at the same seed, and leaves the random stream where that run leaves it."""
+    from recbole_cdsr.model.layers import PublicSASRecEncoder
+
+    torch.manual_seed(0)
+    H, W = 24, 9
+    enc = PublicSASRecEncoder(0, H, W + 1, n_layers=2, n_heads=2, dropout=0.3, position_padding_idx=0,
+                              xavier=False, input_scale=H**0.5)
+    with torch.no_grad():  # non-zero biases: the blanked slots' keys and values matter
+        for a in enc.attention_layers:
+            a.in_proj_bias.normal_()
+        enc.last_layernorm.bias.normal_()
+    enc.train(training)
+    n = torch.tensor([9, 1, 4, 7, 2, 9])
+    seq = torch.randint(1, 50, (len(n), W)) * (torch.arange(W) < n.unsqueeze(1))
+    keep = (seq > 0) & (seq % 3 != 0)  # a view: some real slots blanked like padding
+    keep[1, 0] = False  # a row with no kept slot at all
+    pos = torch.where(keep, keep.cumsum(1), 0)
+    emb = torch.randn(len(n), W, H)
+    weight = torch.randn(len(n), W, H)
+
+    def run(pack_below):
+        enc.pack_below = pack_below
+        enc.zero_grad()
+        e = emb.clone().requires_grad_()
+        torch.manual_seed(7)
+        out = enc(seq, item_emb=e, positions=pos, keep=keep)
+        after = torch.rand(3)
+        (out * weight).sum().backward()
+        return out.detach(), e.grad, [p.grad.clone() for p in enc.parameters()], after
+
+    padded, packed = run(0.0), run(1.0)
+    assert torch.allclose(packed[0], padded[0], atol=1e-5)
+    # a blanked slot's output is the last LayerNorm of a zero vector: its bias
+    assert torch.allclose(packed[0][~keep], enc.last_layernorm.bias.detach().expand(int((~keep).sum()), H))
+    assert torch.allclose(packed[1], padded[1], atol=1e-5) and packed[1][keep].abs().sum() > 0
+    assert not packed[1][~keep].any()  # nothing flows into a blanked slot's input
+    for a, b in zip(packed[2], padded[2]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert all(g.abs().sum() > 0 for g in packed[2][1:])  # the position table's padding row aside
+    assert torch.equal(packed[3], padded[3])  # the same number of draws
+    if training:  # the dropout masks are the draws of the padded run: another seed differs
+        enc.pack_below = 1.0
+        torch.manual_seed(8)
+        assert not torch.allclose(enc(seq, item_emb=emb, positions=pos, keep=keep), packed[0], atol=1e-3)

@@ -59,6 +59,34 @@ def test_tokens_losses_and_scores(tmp_path, slice_data):
     assert scores.shape == (4, model.n_items) and torch.isfinite(scores[:, model.items_a]).all()
 
 
+
+def test_packed_encoders_train_the_same_model(tmp_path, slice_data):
+    """URLLM's 2d-wide tokens run the encoders' per-slot layers on the kept slots alone
+    (pack_below, on from width 512); on a real batch in training mode (dropout and corruption
+    noise on, same seed) loss and gradients are those of the run over every slot."""
+    _, _, (train, _, _), model = _setup(str(tmp_path), slice_data)
+    assert all(e.pack_below == 0.0 for e in model.encoders)  # 32 wide: never packed by default
+    batch = next(iter(train))
+    model.train()
+
+    def run(pack_below):
+        for e in model.encoders:
+            e.pack_below = pack_below
+        model.zero_grad()
+        torch.manual_seed(3)
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    (padded, g_padded), (packed, g_packed) = run(0.0), run(1.0)
+    assert torch.allclose(packed, padded, rtol=1e-5) and len(g_packed) == len(g_padded)
+    for a, b in zip(g_packed, g_padded):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    torch.manual_seed(4)
+    assert not torch.allclose(model.calculate_loss(batch).detach(), packed, rtol=1e-5)  # dropout is on
+    wide = _setup(str(tmp_path / "wide"), slice_data, hidden_size=256)[3]
+    assert all(e.pack_below == 0.8 for e in wide.encoders)  # 512-wide tokens: packed
+
 def test_corrupted_tokens_get_noise_only_there(tmp_path, slice_data):
     _, _, (train, _, _), model = _setup(str(tmp_path), slice_data)
     model.eval()
