@@ -513,3 +513,44 @@ def test_public_backbone_is_the_default_and_the_ablation_uses_it(tmp_path, slice
     assert isinstance(rb.backbone, CausalSeqEncoder)
     with pytest.raises(ValueError, match="'backbone' must be one of public, recbole"):
         _setup(str(tmp_path), slice_data, side_info, backbone="bert")
+
+
+@pytest.mark.slow
+def test_an_interrupted_llmcdsr_run_continues_where_it_stopped(tmp_path, slice_data, side_info):
+    """resumable: LLMCDSR's trainer also saves its meta optimiser, its step counter and where
+    its cycling augmentation and meta loaders are (mid-pass, after a wrap): a run killed in
+    its third epoch's validation and started again ends exactly as the uninterrupted run."""
+    def go(tmp, report=None):
+        cfg = base_config(tmp, data_path=slice_data, resumable=True, epochs=4, steps_per_epoch=5,
+                          train_batch_size=16, aug_batch_size=16, meta_batch_size=16, eval_neg_num=50, seed=5,
+                          **side_info)
+        return run_recbole_cdsr("LLMCDSR", "fk-slice", config_dict=cfg, saved=False, verbose=False, report=report)
+
+    whole = go(str(tmp_path / "whole"))
+
+    class Killed(BaseException):
+        pass
+
+    seen = []
+
+    def killer(line):
+        seen.append(line)
+        if len(seen) == 3:
+            raise Killed
+
+    tmp = str(tmp_path / "cut")
+    with pytest.raises(Killed):
+        go(tmp, report=killer)
+    states = [f for f in os.listdir(os.path.join(tmp, "saved")) if f.endswith(".resume.pth")]
+    assert len(states) == 1
+    own = torch.load(os.path.join(tmp, "saved", states[0]), weights_only=True)["own"]
+    assert own["meta_steps"] == 10 and own["meta_optimizer"]["state"]
+    assert 0 < own["aug"]["taken"] and 0 < own["meta"]["taken"] < 10, (own["aug"]["taken"], own["meta"]["taken"])
+    said = []
+    again = go(tmp, report=said.append)
+    assert said[0].startswith("continuing after epoch 2 of an interrupted run")
+    r, w = again["results"], whole["results"]
+    assert r["valid_history"] == w["valid_history"] and len(r["valid_history"]) == 4
+    assert r["selection"]["best_epochs"] == w["selection"]["best_epochs"]
+    assert again["test_result"] == whole["test_result"]
+    assert [x["epoch"] for x in r["timing"]["resumed_at"]] == [2]

@@ -50,9 +50,46 @@ def _add_grads(grads, extra):
     return out
 
 
-def _cycle(loader):
-    while True:
-        yield from loader
+class _Cycle:
+    """The batches of ``loader`` without end, pass after pass (a RecBole loader reshuffles with
+    its own generator at the start of each pass). Its position (the generator's state when
+    the current pass began, the batches taken since) can be saved and restored, so a
+    continued run draws the batches the uninterrupted run would have drawn."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self._it = None
+        self.start = None
+        self.taken = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            if self._it is None:
+                self.start = self.loader.generator.get_state()
+                self._it = iter(self.loader)
+                self.taken = 0
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it = None
+                continue
+            self.taken += 1
+            return batch
+
+    def state(self):
+        return None if self.start is None else {"start": self.start.clone(), "taken": int(self.taken)}
+
+    def restore(self, st):
+        if st is None:
+            return
+        self.loader.generator.set_state(st["start"])
+        self._it, self.start, self.taken = iter(self.loader), st["start"].clone(), 0
+        for _ in range(st["taken"]):  # the batches of this pass the interrupted run had taken
+            next(self._it)
+            self.taken += 1
 
 
 class FlatDifferentiableAdam(higher.optim.DifferentiableAdam):
@@ -101,9 +138,6 @@ class FlatDifferentiableAdam(higher.optim.DifferentiableAdam):
 
 
 class LLMCDSRTrainer(CDSRTrainer):
-    #: its augmentation and meta loaders cycle across epochs; their positions are not saved
-    resume_supported = False
-
     def __init__(self, config, model):
         super().__init__(config, model)
         self.mode = model.mode
@@ -142,12 +176,37 @@ class LLMCDSRTrainer(CDSRTrainer):
             rows = torch.nonzero(single).view(-1)
             if len(rows) == 0:
                 raise ValueError("no single-domain training user has pseudo items: nothing to augment")
-            self._aug_iter = _cycle(self._loader(train_data, rows, self.aug_batch_size))
+            self._aug_iter = _Cycle(self._loader(train_data, rows, self.aug_batch_size))
         if self.use_meta:
             rows = torch.nonzero(overlapped).view(-1)
             if len(rows) == 0:
                 raise ValueError("the meta step needs overlapped training users; there are none")
-            self._meta_iter = _cycle(self._loader(train_data, rows, self.meta_batch_size))
+            self._meta_iter = _Cycle(self._loader(train_data, rows, self.meta_batch_size))
+
+    # -- resuming: the meta optimiser, the step counter and where the cycling loaders are ----
+    def _own_resume_state(self):
+        return {
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "meta_steps": int(self.meta_steps),
+            "last_meta_loss": getattr(self, "last_meta_loss", None),
+            "aug": None if self._aug_iter is None else self._aug_iter.state(),
+            "meta": None if self._meta_iter is None else self._meta_iter.state(),
+        }
+
+    def _load_own_resume_state(self, st, train_data):
+        if "meta_optimizer" not in st:
+            raise RuntimeError(f"resume state {self.resume_file} holds no LLMCDSR training state (written by an "
+                               "older version); delete it to train this run from its first epoch")
+        self.meta_optimizer.load_state_dict(st["meta_optimizer"])
+        self.meta_steps = st["meta_steps"]
+        if st["last_meta_loss"] is not None:
+            self.last_meta_loss = st["last_meta_loss"]
+        if self.use_aug or self.use_meta:
+            self._make_loaders(train_data)
+            if self._aug_iter is not None:
+                self._aug_iter.restore(st["aug"])
+            if self._meta_iter is not None:
+                self._meta_iter.restore(st["meta"])
 
     def _loader(self, train_data, rows, batch_size):
         sub = train_data.dataset.copy(train_data.dataset.inter_feat[rows])

@@ -334,6 +334,7 @@ class CDSRTrainer(Trainer):
         for name in _RESUMED_ATTRIBUTES:
             setattr(self, name, st[name])
         _set_rng_state(st["rng"], train_data)
+        self._load_own_resume_state(st.get("own") or {}, train_data)  # {}: written before trainers kept any
         first = st["epoch"] + 1
         self.resumed_at.append({"epoch": first, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         line = (f"continuing after epoch {first} of an interrupted run ({self.resume_file}: "
@@ -342,6 +343,14 @@ class CDSRTrainer(Trainer):
         if self.report is not None:
             self.report(line)
         return first, st["evaluated"]
+
+    def _own_resume_state(self):
+        """Training state a subclass keeps beyond the model, its optimiser and the random
+        streams (tensors and plain values): saved with every resume state."""
+        return {}
+
+    def _load_own_resume_state(self, st, train_data):
+        """Restore what :meth:`_own_resume_state` saved (before the first epoch of a continued run)."""
 
     def _write_resume_state(self, train_data, epoch_idx, best, stale, evaluated):
         state = {
@@ -364,6 +373,7 @@ class CDSRTrainer(Trainer):
             "steps_done": int(self.steps_done),
             "resumed_at": self.resumed_at,
             "rng": _rng_state(train_data),
+            "own": self._own_resume_state(),
         }
         os.makedirs(os.path.dirname(self.resume_file) or ".", exist_ok=True)
         tmp = self.resume_file + ".tmp"
