@@ -37,6 +37,22 @@ def setup_model(model, tmp, data_path, dataset="fk-slice", **kw):
     return cfg, ds, loaders, cfg.model_class(cfg, loaders[0].dataset)
 
 
+class Killed(BaseException):
+    """Raised by :func:`killer_after` to stop a run the way a killed process stops."""
+
+
+def killer_after(n, seen):
+    """A ``report`` callback that keeps every line in ``seen`` and raises :class:`Killed` at
+    the ``n``-th (a run stopped mid-validation, after its last resume state was written)."""
+
+    def report(line):
+        seen.append(line)
+        if len(seen) == n:
+            raise Killed
+
+    return report
+
+
 def pretrain_hp(**kw):
     """Stage 2's hyper-parameters as a default LLMCDSR run has them, with ``kw`` on top."""
     from recbole_cdsr.config import CDSRConfig

@@ -17,7 +17,7 @@ from recbole_cdsr.stages.llmcdsr_inputs import stage1_inputs
 from recbole_cdsr.quick_start import run_recbole_cdsr
 from recbole_cdsr.trainer.llmcdsr import LLMCDSRTrainer
 
-from conftest import base_config, pretrain_hp
+from conftest import Killed, base_config, killer_after, pretrain_hp
 
 
 class HashEncoder:
@@ -528,19 +528,9 @@ def test_an_interrupted_llmcdsr_run_continues_where_it_stopped(tmp_path, slice_d
 
     whole = go(str(tmp_path / "whole"))
 
-    class Killed(BaseException):
-        pass
-
-    seen = []
-
-    def killer(line):
-        seen.append(line)
-        if len(seen) == 3:
-            raise Killed
-
     tmp = str(tmp_path / "cut")
     with pytest.raises(Killed):
-        go(tmp, report=killer)
+        go(tmp, report=killer_after(3, []))
     states = [f for f in os.listdir(os.path.join(tmp, "saved")) if f.endswith(".resume.pth")]
     assert len(states) == 1
     own = torch.load(os.path.join(tmp, "saved", states[0]), weights_only=True)["own"]

@@ -8,7 +8,7 @@ import torch
 import run_recbole_cdsr
 from recbole_cdsr.quick_start import run_recbole_cdsr as run
 
-from conftest import base_config
+from conftest import Killed, base_config, killer_after
 
 
 @pytest.mark.slow
@@ -235,19 +235,9 @@ def test_an_interrupted_run_continues_after_its_last_finished_epoch(tmp_path, sl
     whole = go(str(tmp_path / "whole"))
     assert whole["results"]["timing"]["resumed_at"] == []
 
-    class Killed(BaseException):
-        pass
-
-    lines = []
-
-    def killer(line):
-        lines.append(line)
-        if len(lines) == 3:
-            raise Killed
-
     tmp = str(tmp_path / "cut")
     with pytest.raises(Killed):
-        go(tmp, report=killer)
+        go(tmp, report=killer_after(3, []))
     states = [f for f in os.listdir(os.path.join(tmp, "saved")) if f.endswith(".resume.pth")]
     assert len(states) == 1 and states[0].startswith(f"{model}-fk-slice-seed3-")
     assert not [f for f in os.listdir(os.path.join(tmp, "saved")) if f.endswith(".tmp")]
@@ -267,8 +257,7 @@ def test_an_interrupted_run_continues_after_its_last_finished_epoch(tmp_path, sl
     assert not [f for f in os.listdir(os.path.join(tmp, "saved")) if f.endswith(".resume.pth")]
 
     with pytest.raises(Killed):
-        lines.clear()
-        go(tmp, report=killer)
+        go(tmp, report=killer_after(3, []))
     other = go(tmp, learning_rate=0.002)  # another config: its own run from the first epoch
     assert other["results"]["timing"]["resumed_at"] == []
     path = os.path.join(tmp, "saved", states[0])

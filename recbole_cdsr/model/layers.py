@@ -284,7 +284,7 @@ class PadKeyAttention(nn.Module):
         B, W, H = query.shape
         wq, wk, wv = self.in_proj_weight.chunk(3)
         bq, bk, bv = self.in_proj_bias.chunk(3)
-        out = self._attend(F.linear(query, wq, bq), F.linear(kv, wk, bk), F.linear(kv, wv, bv), n_pad)
+        out = self._attend(F.linear(query, wq, bq), F.linear(kv, wk, bk), F.linear(kv, wv, bv), bk, bv, n_pad)
         return self.out_proj(out.reshape(B, W, H))
 
     def packed(self, query, kv, idx, B, W, n_pad):
@@ -300,14 +300,16 @@ class PadKeyAttention(nn.Module):
         spread = lambda rows: rows.new_zeros(B * W, rows.shape[1]).index_copy(0, idx, rows)  # noqa: E731
         kv_all = spread(F.linear(kv, torch.cat([wk, wv]))) + torch.cat([bk, bv])
         out = self._attend(spread(F.linear(query, wq, bq)).view(B, W, H), kv_all[:, :H].view(B, W, H),
-                           kv_all[:, H:].view(B, W, H), n_pad)
+                           kv_all[:, H:].view(B, W, H), bk, bv, n_pad)
         return self.out_proj(out.reshape(B * W, H).index_select(0, idx))
 
-    def _attend(self, q, k, v, n_pad):
-        """Attention of the projected ``q``, ``k``, ``v`` [B, W, H]: [B, W, h, dh]."""
+    def _attend(self, q, k, v, bk, bv, n_pad):
+        """Attention of the projected ``q``, ``k``, ``v`` [B, W, H] (``bk``, ``bv``: the key and
+        value biases, the padded slots' keys and values): [B, W, h, dh]. The biases come from
+        the caller's one split of ``in_proj_bias``: a second split would give it its gradient
+        as a sum in another order, so training would drift apart by rounding."""
         B, W, H = q.shape
         h, dh = self.h, H // self.h
-        bk, bv = self.in_proj_bias.chunk(3)[1:]
         q = q.view(B, W, h, dh).transpose(1, 2) * dh**-0.5
         k = k.view(B, W, h, dh).transpose(1, 2)
         v = v.view(B, W, h, dh).transpose(1, 2)
@@ -419,8 +421,8 @@ class PublicSASRecEncoder(nn.Module):
         n_pad = (self.max_len - n).to(x.dtype)
         blocks = list(zip(self.attention_layernorms, self.attention_layers, self.forward_layernorms,
                           self.forward_layers))
-        idx = keep.view(-1).nonzero().squeeze(1)
-        if idx.numel() <= self.pack_below * B * W:
+        idx = keep.view(-1).nonzero().squeeze(1) if self.pack_below > 0 else None  # (a device sync)
+        if idx is not None and idx.numel() <= self.pack_below * B * W:
             # the slots that are zeroed (padding, the other domain's slots of a view) enter the
             # blocks only as keys b_k and values b_v and leave them as zeros: the per-slot layers
             # run on the kept slots alone, with the dropout draws of the whole tensor
