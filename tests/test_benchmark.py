@@ -776,7 +776,7 @@ def test_converged_leaderboard_is_the_committed_runs_of_the_converged_benchmark_
     """The committed converged board (leaderboard Markdown, README tables, equal-epoch
     section) is what its results.jsonl gives for the planned runs (recomputed here, nothing
     written); its finished runs record why they stopped and come from the two code versions
-    that benchmarks/README.md names (e7d30e5's sources, then 4833fb0's for the later runs)."""
+    that benchmarks/README.md names (e7d30e5's sources, then ab7ebc1's for the later runs)."""
     from recbole_cdsr.benchmark.leaderboard import (
         code_versions, equal_epoch_rows, readme_block, readme_markers, select_lines, summarize, to_markdown,
     )
@@ -791,7 +791,7 @@ def test_converged_leaderboard_is_the_committed_runs_of_the_converged_benchmark_
     ok = [ln for ln in lines if ln["status"] == "ok"]
     assert sum(len(v) for v in by_name.values()) == len(ok)  # every finished committed run is a planned run
     code = code_versions(by_name)
-    assert set(code) <= {"687dcf3bf7e7", "dcc27df7db79"} and len(code["687dcf3bf7e7"]) == 19
+    assert set(code) <= {"687dcf3bf7e7", "7340d3f7267a"} and len(code["687dcf3bf7e7"]) == 19
     assert all(ln["timing"]["stop_reason"] in ("early_stopping", "epoch_cap") for ln in ok)
     rows = summarize(spec, "food-kitchen", by_name)
     equal = equal_epoch_rows(spec, "food-kitchen", by_name, spec.equal_epochs)
