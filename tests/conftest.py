@@ -41,13 +41,13 @@ class Killed(BaseException):
     """Raised by :func:`killer_after` to stop a run the way a killed process stops."""
 
 
-def killer_after(n, seen):
-    """A ``report`` callback that keeps every line in ``seen`` and raises :class:`Killed` at
-    the ``n``-th (a run stopped mid-validation, after its last resume state was written)."""
+def killer_after(n):
+    """A ``report`` callback that raises :class:`Killed` at the ``n``-th line it is given (a
+    run stopped mid-validation, after its last resume state was written)."""
+    lines = iter(range(1, n + 1))
 
     def report(line):
-        seen.append(line)
-        if len(seen) == n:
+        if next(lines, None) == n:
             raise Killed
 
     return report

@@ -530,7 +530,7 @@ def test_an_interrupted_llmcdsr_run_continues_where_it_stopped(tmp_path, slice_d
 
     tmp = str(tmp_path / "cut")
     with pytest.raises(Killed):
-        go(tmp, report=killer_after(3, []))
+        go(tmp, report=killer_after(3))
     states = [f for f in os.listdir(os.path.join(tmp, "saved")) if f.endswith(".resume.pth")]
     assert len(states) == 1
     own = torch.load(os.path.join(tmp, "saved", states[0]), weights_only=True)["own"]

@@ -237,7 +237,7 @@ def test_an_interrupted_run_continues_after_its_last_finished_epoch(tmp_path, sl
 
     tmp = str(tmp_path / "cut")
     with pytest.raises(Killed):
-        go(tmp, report=killer_after(3, []))
+        go(tmp, report=killer_after(3))
     states = [f for f in os.listdir(os.path.join(tmp, "saved")) if f.endswith(".resume.pth")]
     assert len(states) == 1 and states[0].startswith(f"{model}-fk-slice-seed3-")
     assert not [f for f in os.listdir(os.path.join(tmp, "saved")) if f.endswith(".tmp")]
@@ -257,7 +257,7 @@ def test_an_interrupted_run_continues_after_its_last_finished_epoch(tmp_path, sl
     assert not [f for f in os.listdir(os.path.join(tmp, "saved")) if f.endswith(".resume.pth")]
 
     with pytest.raises(Killed):
-        go(tmp, report=killer_after(3, []))
+        go(tmp, report=killer_after(3))
     other = go(tmp, learning_rate=0.002)  # another config: its own run from the first epoch
     assert other["results"]["timing"]["resumed_at"] == []
     path = os.path.join(tmp, "saved", states[0])
