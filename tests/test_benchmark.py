@@ -469,7 +469,7 @@ def test_hyper_search_never_ranks_test_and_feeds_the_benchmark(tmp_path, syn_dat
 @pytest.mark.slow
 def test_budget_in_minutes_becomes_a_fixed_step_count_per_model(tmp_path, syn_data):
     spec = write_spec(tmp_path, syn_data, models=["GRU4Rec", "SASRec"], seeds=[1, 2],
-                      budget={"minutes": 0.02, "epochs": 100, "calibration_steps": 2},
+                      budget={"minutes": 0.02, "epochs": 10000, "calibration_steps": 2},
                       config=dict(TINY, data_path=syn_data, stopping_step=1000))
     out = run_benchmark(spec)
     cal = json.load(open(tmp_path / "out" / "calibration.json"))
