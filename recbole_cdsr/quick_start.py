@@ -59,9 +59,27 @@ def package_versions():
     return out
 
 
+def cpu_model(cpuinfo=None):
+    """The processor's name: the first ``model name`` of ``/proc/cpuinfo`` (``cpuinfo``: that
+    file's text), else what :func:`platform.processor` says, else ``None``. Runs on
+    different CPUs of one platform string differ in speed, so the results record it."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    for ln in cpuinfo.splitlines():
+        key, sep, value = ln.partition(":")
+        if sep and key.strip() == "model name" and value.strip():
+            return value.strip()
+    return platform.processor() or None
+
+
 def device_info(config):
     dev = config["device"]
-    info = {"device": str(dev), "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+    info = {"device": str(dev), "platform": platform.platform(), "cpu_model": cpu_model(),
+            "cpu_threads": torch.get_num_threads()}
     if getattr(dev, "type", str(dev)) == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(dev)
     return info

@@ -639,6 +639,10 @@ def test_leaderboards_name_the_domains_of_the_results():
     gpu = [dict(ln, device={"device": "cuda:0", "gpu": "NVIDIA H200", "cpu_threads": 16}) for ln in named]
     mixed = summarize(spec, "food-kitchen", {"FPMC": named[:2] + gpu[2:]})
     assert {r["device"] for r in mixed} == {"cpu (2 threads) / NVIDIA H200"}
+    # one thread in the singular; the processor's name where the run recorded it
+    one = [dict(ln, device={"device": "cpu", "cpu_threads": 1, "cpu_model": "AMD EPYC 7B13"}) for ln in named]
+    mixed = summarize(spec, "food-kitchen", {"FPMC": named[:2] + one[2:]})
+    assert {r["device"] for r in mixed} == {"cpu (2 threads) / cpu, AMD EPYC 7B13 (1 thread)"}
     # a dataset whose names are its tokens gets no legend
     plain = summarize(spec, "my-data", {"FPMC": [dict(ln, domains={"A": "A", "B": "B"}) for ln in lines]})
     assert "Domains:" not in to_markdown(spec, "my-data", plain)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import run_recbole_cdsr
-from recbole_cdsr.quick_start import run_recbole_cdsr as run
+from recbole_cdsr.quick_start import cpu_model, run_recbole_cdsr as run
 
 from conftest import Killed, base_config, killer_after
 
@@ -54,7 +54,8 @@ def test_cli_on_real_food_kitchen_converts_trains_and_prints_domains(tmp_path, f
     assert 1372 <= res["timing"]["batches_per_epoch"] <= 1372 * 1.03
     assert res["config"]["eval_neg_num"] == 999 and res["config"]["steps_per_epoch"] == 3
     assert res["versions"]["recbole"] == "1.2.1" and res["versions"]["torch"] == torch.__version__
-    assert res["device"]["device"] == "cpu"
+    assert res["device"]["device"] == "cpu" and res["device"]["cpu_threads"] == torch.get_num_threads()
+    assert res["device"]["cpu_model"] == cpu_model()
     assert res["selection"]["model_selection"] == "per_domain"
     assert set(res["selection"]["best_epochs"]) == {"A", "B"}
     assert res["instances"]["test"] == {"A": 300, "B": 637}
@@ -67,6 +68,17 @@ def test_cli_on_real_food_kitchen_converts_trains_and_prints_domains(tmp_path, f
     # checkpoints load with weights_only=True (torch >= 2.6 default)
     ck = torch.load(res["selection"]["checkpoints"]["A"], weights_only=True)
     assert "state_dict" in ck and ck["selection_key"] == "A"
+
+
+def test_cpu_model_is_the_first_model_name_of_cpuinfo(monkeypatch):
+    text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n\n"
+            "processor\t: 1\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n")
+    assert cpu_model(text) == "AMD EPYC 7B13 64-Core Processor"
+    # no model name line (some ARM kernels): what the platform module says, or None
+    monkeypatch.setattr("platform.processor", lambda: "aarch64")
+    assert cpu_model("processor\t: 0\nBogoMIPS\t: 50.00\n") == "aarch64"
+    monkeypatch.setattr("platform.processor", lambda: "")
+    assert cpu_model("model name\t:   \n") is None
 
 
 def _short(tmp, data, seed, **kw):

@@ -116,15 +116,18 @@ def training_view(lines):
 
 
 def device_of(lines):
-    """Where a model's runs trained: the GPU's name, or ``cpu (N threads)``; several joined
-    with `` / `` (lines without a device record: ``?``)."""
+    """Where a model's runs trained: the GPU's name, or ``cpu (N threads)`` (``cpu, MODEL (N
+    threads)`` where the run recorded its processor); several joined with `` / `` (lines
+    without a device record: ``?``)."""
     out = []
     for ln in lines:
         dev = ln.get("device") or {}
         if dev.get("gpu"):
             d = dev["gpu"]
         elif dev.get("device"):
-            d = f"{dev['device']} ({dev['cpu_threads']} threads)" if dev.get("cpu_threads") else dev["device"]
+            d = dev["device"] + (f", {dev['cpu_model']}" if dev.get("cpu_model") else "")
+            n = dev.get("cpu_threads")
+            d += f" ({n} thread{'' if n == 1 else 's'})" if n else ""
         else:
             d = "?"
         if d not in out:
