@@ -311,9 +311,10 @@ def test_leaderboard_means_stds_and_paired_test_match_a_hand_computation(tmp_pat
                 else:
                     assert float(row["p_value"]) == pytest.approx(stats.ttest_rel(x, y).pvalue, rel=1e-9)
                 assert by[(protocol, dom, best, metric)]["p_value"] == ""  # the reference itself
-    # seconds per epoch: measured seconds per step x batches per epoch, averaged over seeds
-    spe = [sum(ln["timing"]["train_epoch_seconds"]) / ln["timing"]["train_steps"] * ln["timing"]["batches_per_epoch"]
-           for ln in lines if ln["name"] == "SASRec"]
+    # seconds per epoch: each run's median epoch time (its epochs ran whole), averaged over seeds
+    sas = [ln["timing"] for ln in lines if ln["name"] == "SASRec"]
+    assert all(t["train_steps"] == t["batches_per_epoch"] * len(t["train_epoch_seconds"]) for t in sas)
+    spe = [statistics.median(t["train_epoch_seconds"]) for t in sas]
     assert float(by[("full", "A", "SASRec", "hit@10")]["sec_per_epoch"]) == pytest.approx(statistics.mean(spe))
     # how each model trained (the defaults: SASRec on whole sequences, batches trimmed)
     assert by[("full", "A", "SASRec", "hit@10")]["view"] == "sequence + trimmed"
@@ -806,6 +807,29 @@ def test_converged_leaderboard_is_the_committed_runs_of_the_converged_benchmark_
     with open(spec.readme, encoding="utf-8") as f:
         block = f.read().split(start + "\n", 1)[1].split(end, 1)[0]
     assert block == readme_block(spec, "food-kitchen", rows, by_name, "leaderboard-food-kitchen.md", equal)
+
+
+def test_seconds_per_epoch_skip_stretched_epochs_and_keep_devices_apart():
+    """s/epoch by hand: a run whose epochs ran whole gives its median epoch (an epoch that a
+    pause stretched to 900 s does not count); a run that a budget stopped within an epoch
+    gives seconds per step x batches per epoch; the cell averages runs per device, in the
+    device column's order."""
+    from recbole_cdsr.benchmark.leaderboard import seconds_per_epoch, seconds_per_epoch_by_device
+
+    def line(secs, steps, threads):
+        return {"timing": {"train_epoch_seconds": secs, "train_steps": steps, "batches_per_epoch": 10},
+                "device": {"device": "cpu", "cpu_threads": threads}}
+
+    paused = line([100.0, 900.0, 104.0], 30, 1)
+    assert seconds_per_epoch(paused) == 104.0
+    assert seconds_per_epoch(line([100.0, 900.0, 104.0, 106.0], 40, 1)) == 105.0
+    cut = line([50.0, 20.0], 14, 2)  # one whole epoch and 4 of 10 batches of the next: 70 s / 14 steps
+    assert seconds_per_epoch(cut) == pytest.approx(50.0)
+    assert seconds_per_epoch({"timing": {}}) != seconds_per_epoch({"timing": {}})  # nan
+    two = line([60.0, 62.0], 20, 2)
+    assert seconds_per_epoch_by_device([two, paused, cut, line([96.0], 10, 1)]) == "55.5 / 100.0"
+    assert seconds_per_epoch_by_device([paused]) == "104.0"
+    assert seconds_per_epoch_by_device([{"timing": {}}]) == "-"
 
 
 def test_runs_section_lists_each_run_with_its_stop_epochs_and_wall_time():

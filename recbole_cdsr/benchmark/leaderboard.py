@@ -57,13 +57,30 @@ def select_lines(runs, lines):
 
 
 def seconds_per_epoch(line):
-    """Training seconds per full epoch: measured seconds per step x batches per epoch
-    (equal to the measured epoch time when epochs were not capped)."""
+    """Training seconds of one full epoch of a run: the median of its epoch times when every
+    epoch ran whole (so that an epoch that a pause of a shared machine stretched does not
+    count), else measured seconds per step x batches per epoch (a budget stopped the run
+    within an epoch)."""
     t = line.get("timing") or {}
     steps, secs, per = t.get("train_steps"), t.get("train_epoch_seconds"), t.get("batches_per_epoch")
     if not steps or not secs or not per:
         return float("nan")
+    if steps == per * len(secs):
+        return float(np.median(secs))
     return sum(secs) / steps * per
+
+
+def seconds_per_epoch_by_device(lines):
+    """The s/epoch cell of a model: the mean of :func:`seconds_per_epoch` over its runs on each
+    device of :func:`device_of`, in that order, joined with `` / `` (``-`` when no run has
+    timings), so that runs on 2 threads and on 1 thread are not averaged together."""
+    groups = OrderedDict()
+    for ln in lines:
+        groups.setdefault(device_of([ln]), []).append(seconds_per_epoch(ln))
+    means = [_mean_std(v)[0] for v in groups.values()]
+    if all(math.isnan(m) for m in means):
+        return "-"
+    return " / ".join("-" if math.isnan(m) else f"{m:.1f}" for m in means)
 
 
 def _mean_std(values):
@@ -223,6 +240,7 @@ def summarize(spec, dataset, by_name):
                         best=(n == best), best_baseline=best_base, p_value=p,
                         significant=(not math.isnan(p) and p < ALPHA),
                         sec_per_epoch=_mean_std([seconds_per_epoch(ln) for ln in by_name[n]])[0],
+                        sec_per_epoch_by_device=seconds_per_epoch_by_device(by_name[n]),
                         view=training_view(by_name[n]), device=device_of(by_name[n]),
                         stopped=stopping(by_name[n])[0], epochs=stopping(by_name[n])[1],
                     ))
@@ -362,7 +380,8 @@ def _table(rows, protocol, metrics, timing):
     names, domains = _order(rows, "model"), _order(rows, "domain")
     idx = {(r["protocol"], r["domain"], r["model"], r["metric"]): r for r in rows}
     seeds = {r["model"]: r["seeds"] for r in rows}
-    spe = {r["model"]: r["sec_per_epoch"] for r in rows}
+    spe = {r["model"]: r.get("sec_per_epoch_by_device") or
+           ("-" if math.isnan(r["sec_per_epoch"]) else f"{r['sec_per_epoch']:.1f}") for r in rows}
     view = {r["model"]: r.get("view", "?") for r in rows}
     device = {r["model"]: r.get("device", "?") for r in rows}
     stop = {r["model"]: (r.get("stopped", "?"), r.get("epochs", "?")) for r in rows}
@@ -372,7 +391,7 @@ def _table(rows, protocol, metrics, timing):
     for n in names:
         cells = [n] + [_cell(idx[(protocol, d, n, m)]) for d in domains for m in metrics]
         if timing:
-            cells += ["-" if math.isnan(spe[n]) else f"{spe[n]:.1f}", device[n], str(seeds[n]), view[n], *stop[n]]
+            cells += [spe[n], device[n], str(seeds[n]), view[n], *stop[n]]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
