@@ -215,6 +215,13 @@ def summarize(spec, dataset, by_name):
     names = [m.name for m in spec.models if m.name in by_name]
     labels = domain_names(dataset, by_name)
     domains = _domains(by_name, "test")
+    runs = {}  # how each model's runs trained: the same in every protocol, domain and metric
+    for n in names:
+        stopped, epochs = stopping(by_name[n])
+        runs[n] = dict(sec_per_epoch=_mean_std([seconds_per_epoch(ln) for ln in by_name[n]])[0],
+                       sec_per_epoch_by_device=seconds_per_epoch_by_device(by_name[n]),
+                       view=training_view(by_name[n]), device=device_of(by_name[n]),
+                       stopped=stopped, epochs=epochs)
     rows = []
     for protocol in spec.protocols:
         for domain in domains:
@@ -238,11 +245,7 @@ def summarize(spec, dataset, by_name):
                         model=n, metric=metric,
                         mean=stats_[n][0], std=stats_[n][1], seeds=len(by_name[n]),
                         best=(n == best), best_baseline=best_base, p_value=p,
-                        significant=(not math.isnan(p) and p < ALPHA),
-                        sec_per_epoch=_mean_std([seconds_per_epoch(ln) for ln in by_name[n]])[0],
-                        sec_per_epoch_by_device=seconds_per_epoch_by_device(by_name[n]),
-                        view=training_view(by_name[n]), device=device_of(by_name[n]),
-                        stopped=stopping(by_name[n])[0], epochs=stopping(by_name[n])[1],
+                        significant=(not math.isnan(p) and p < ALPHA), **runs[n],
                     ))
     return rows
 
@@ -380,8 +383,7 @@ def _table(rows, protocol, metrics, timing):
     names, domains = _order(rows, "model"), _order(rows, "domain")
     idx = {(r["protocol"], r["domain"], r["model"], r["metric"]): r for r in rows}
     seeds = {r["model"]: r["seeds"] for r in rows}
-    spe = {r["model"]: r.get("sec_per_epoch_by_device") or
-           ("-" if math.isnan(r["sec_per_epoch"]) else f"{r['sec_per_epoch']:.1f}") for r in rows}
+    spe = {r["model"]: r["sec_per_epoch_by_device"] for r in rows}
     view = {r["model"]: r.get("view", "?") for r in rows}
     device = {r["model"]: r.get("device", "?") for r in rows}
     stop = {r["model"]: (r.get("stopped", "?"), r.get("epochs", "?")) for r in rows}
