@@ -4,10 +4,12 @@ The operating system's advisory lock (``fcntl.flock`` on POSIX, ``msvcrt.locking
 Windows) is released when its holder ends, however it ends, so a crash or ``kill -9``
 leaves nothing stuck. The lock file holds the holder's pid and start time, for the
 message of whoever is refused, and is removed when the holder lets go. Used by the converters (one conversion of a dataset into a
-folder at a time) and by the benchmark runner (one writer per output folder).
+folder at a time), by the benchmark runner (one writer per output folder) and by a run's
+stages (one run at a time builds a dataset's cached stages; the others wait, then reuse them).
 """
 
 import os
+import time
 from datetime import datetime, timezone
 
 
@@ -59,6 +61,23 @@ class FileLock:
         os.write(fd, f"pid {os.getpid()}, started {started}\n".encode())
         self._fd = fd
         return self
+
+    def acquire_waiting(self, on_busy=None, poll_seconds=1.0, report_every=60.0):
+        """Take the lock, waiting for its holder to let go (or to end, however it ends).
+
+        ``on_busy(holder, waited_seconds)`` is called when the lock is first found held and
+        then every ``report_every`` seconds of waiting, so a waiting process can say why."""
+        t0 = time.monotonic()
+        next_report = 0.0
+        while True:
+            try:
+                return self.acquire()
+            except LockBusy as e:
+                waited = time.monotonic() - t0
+                if on_busy is not None and waited >= next_report:
+                    on_busy(e.holder, waited)
+                    next_report = waited + report_every
+            time.sleep(poll_seconds)
 
     def release(self):
         """Let go; the lock file is removed (while still locked, so no one else holds it)."""

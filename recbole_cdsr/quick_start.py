@@ -179,6 +179,35 @@ def stage_lines_to(report):
         pkg.propagate = propagate
 
 
+@contextmanager
+def stages_lock(config):
+    """Held while a run prepares its model's stages: runs side by side on one dataset (the
+    benchmark's ``jobs: N``, Ray, two commands) build its cached stages once. The others
+    wait, saying so, and then find the stages cached. One lock per dataset folder, the
+    operating system's, so a run that dies lets go (``dataset_converters.filelock``)."""
+    from dataset_converters.filelock import FileLock
+
+    path = os.path.join(config["data_path"], f".{config['dataset']}.stages.lock")
+
+    def busy(holder, waited):
+        logging.getLogger(__name__).info(
+            f"{config['model']}: waiting for another run building the stages of {config['dataset']} "
+            f"({holder or 'a process'}; lock {path}), {waited / 60:.0f} min so far")
+
+    lock = FileLock(path)
+    try:
+        lock.acquire_waiting(on_busy=busy)
+    except OSError as e:  # a read-only dataset folder: its stages can only be reused, not built
+        logging.getLogger(__name__).warning(
+            f"{config['model']}: cannot create the stages lock {path} ({e}); going on without it")
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=None):
     if config["cpu_allocator_tuning"] and getattr(config["device"], "type", "") == "cpu":
         tune_cpu_allocator()
@@ -195,7 +224,7 @@ def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=No
     prepare = get_stages(config["model"])
     if prepare is not None:
         logger.info(f"{config['model']}: preparing its stages (cached next to the dataset; reused when unchanged)")
-        with stage_lines_to(report if not verbose else None):
+        with stage_lines_to(report if not verbose else None), stages_lock(config):
             updates, stages = prepare(config)
         for k, v in updates.items():
             config[k] = v

@@ -456,3 +456,61 @@ def test_model_selection_is_validation_mrr_at_10_over_999_sampled_negatives(tmp_
     # mrr@10 is the public MRR: 1/rank when the target is among the 10 best candidates, else 0
     ranks = torch.tensor([1, 3, 10, 11, 500])
     assert metrics_from_ranks(ranks, ["MRR"], [10])["mrr@10"] == pytest.approx((1 + 1 / 3 + 1 / 10) / 5)
+
+
+def test_a_run_waits_while_another_builds_the_datasets_stages_then_builds_them_itself(tmp_path):
+    """Runs side by side (the benchmark's ``jobs: N``) build a dataset's stages once: while
+    another process holds the stages lock, a run says it waits and writes nothing; once it
+    is let go, it builds the profiles, trains, and lets go of the lock in turn."""
+    import glob
+    import time
+
+    from dataset_converters.filelock import FileLock
+    from recbole_cdsr.quick_start import run_recbole_cdsr
+
+    data = str(tmp_path / "data")
+    write_synthetic_cdsr(data, "tiny-cdsr", seed=3)
+    folder = os.path.join(data, "tiny-cdsr")
+    lock_path = os.path.join(folder, ".tiny-cdsr.stages.lock")
+    holder = FileLock(lock_path).acquire()  # the other run, building the stages
+    lines, out, errors = [], {}, []
+
+    def run():
+        try:
+            out.update(run_recbole_cdsr("LeCDSR", "tiny-cdsr", config_dict=base_config(
+                str(tmp_path), data_path=data, epochs=1, **SMALL), verbose=False, report=lines.append))
+        except Exception as e:  # surfaced by the assertions below
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 120
+    while not any("waiting for another run building the stages of tiny-cdsr" in ln for ln in lines):
+        assert t.is_alive() and time.monotonic() < deadline, (errors, lines)
+        time.sleep(0.2)
+    waiting = next(ln for ln in lines if "waiting for another run" in ln)
+    assert f"pid {os.getpid()}" in waiting and lock_path in waiting
+    time.sleep(1.5)  # a waiting run builds nothing
+    assert t.is_alive() and not glob.glob(os.path.join(folder, "tiny-cdsr.profiles-*"))
+    holder.release()
+    t.join(300)
+    assert not t.is_alive() and not errors, errors
+    assert len(glob.glob(os.path.join(folder, "tiny-cdsr.profiles-*.npz"))) == 1
+    assert out["results"]["timing"]["train_steps"] > 0
+    assert not os.path.exists(lock_path)  # let go: the next run takes it at once
+
+
+def test_a_dataset_folder_that_refuses_the_stages_lock_still_runs_with_a_warning(tmp_path, monkeypatch, caplog):
+    from dataset_converters.filelock import FileLock
+    from recbole_cdsr.quick_start import stages_lock
+
+    def refuse(self):
+        raise PermissionError(30, "Read-only file system", self.path)
+
+    monkeypatch.setattr(FileLock, "acquire", refuse)
+    ran = []
+    with caplog.at_level("WARNING", logger="recbole_cdsr"):
+        with stages_lock({"data_path": str(tmp_path), "dataset": "ro", "model": "LeCDSR"}):
+            ran.append(True)
+    assert ran == [True]
+    assert "cannot create the stages lock" in caplog.text and "Read-only file system" in caplog.text
