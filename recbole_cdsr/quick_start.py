@@ -188,9 +188,10 @@ def stages_lock(config):
     from dataset_converters.filelock import FileLock
 
     path = os.path.join(config["data_path"], f".{config['dataset']}.stages.lock")
+    log = logging.getLogger(__name__)
 
     def busy(holder, waited):
-        logging.getLogger(__name__).info(
+        log.info(
             f"{config['model']}: waiting for another run building the stages of {config['dataset']} "
             f"({holder or 'a process'}; lock {path}), {waited / 60:.0f} min so far")
 
@@ -198,7 +199,7 @@ def stages_lock(config):
     try:
         lock.acquire_waiting(on_busy=busy)
     except OSError as e:  # a read-only dataset folder: its stages can only be reused, not built
-        logging.getLogger(__name__).warning(
+        log.warning(
             f"{config['model']}: cannot create the stages lock {path} ({e}); going on without it")
         lock = None
     try:

@@ -382,18 +382,15 @@ def _table(rows, protocol, metrics, timing):
     domain and metric (with seconds per epoch and seeds when ``timing``)."""
     names, domains = _order(rows, "model"), _order(rows, "domain")
     idx = {(r["protocol"], r["domain"], r["model"], r["metric"]): r for r in rows}
-    seeds = {r["model"]: r["seeds"] for r in rows}
-    spe = {r["model"]: r["sec_per_epoch_by_device"] for r in rows}
-    view = {r["model"]: r.get("view", "?") for r in rows}
-    device = {r["model"]: r.get("device", "?") for r in rows}
-    stop = {r["model"]: (r.get("stopped", "?"), r.get("epochs", "?")) for r in rows}
+    facts = {r["model"]: [r["sec_per_epoch_by_device"], r["device"], str(r["seeds"]), r["view"],
+                          r["stopped"], r["epochs"]] for r in rows}  # the same in every row of a model
     head = ["model"] + [f"{d} {LABEL[m]}" for d in domains for m in metrics] + (
         ["s/epoch", "device", "seeds", "training view", "stopped by", "epochs"] if timing else [])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in names:
         cells = [n] + [_cell(idx[(protocol, d, n, m)]) for d in domains for m in metrics]
         if timing:
-            cells += [spe[n], device[n], str(seeds[n]), view[n], *stop[n]]
+            cells += facts[n]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
