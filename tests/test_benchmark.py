@@ -855,3 +855,62 @@ def test_runs_section_lists_each_run_with_its_stop_epochs_and_wall_time():
     assert runs_section({"M": [resumed]}).splitlines()[2] == (
         "| d/M/seed4 | cap | 3 | A 3 | 50 s in the last of 3 processes (continued after epochs 1, 2; "
         "training and validation in all: 97 s) | cpu (2 threads) |")
+
+
+def _split_popularity():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "split_popularity.py")
+    spec = importlib.util.spec_from_file_location("split_popularity", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_split_popularity_ranks_are_the_protocols_ranks_of_the_counts():
+    """benchmarks/split_popularity.py ranks by training counts exactly as the evaluation
+    protocol ranks those scores (same sampled candidates, pessimistic ties), and a by-hand
+    case: counts a=[5, 3, 3, 0], b=[2, 2]."""
+    import torch
+
+    from recbole_cdsr.data.candidates import draw_candidates
+    from recbole_cdsr.evaluation.protocol import full_ranks, sampled_ranks
+
+    mod = _split_popularity()
+    tokens = np.array(["a0", "a1", "a2", "a3", "b0", "b1"])
+    domains = np.array(["A", "A", "A", "A", "B", "B"])
+    counts = np.array([5, 3, 3, 0, 2, 2])
+    targets = np.array(["a0", "a1", "a3", "b0"])
+    hists = [["b1"], ["a0"], [], ["a2"]]
+    ranks = mod.pop_ranks(counts, tokens, domains, targets, hists, neg_num=1, seed=7)
+    # full: a0 beats all; a1 ties a2 (pessimistic: 2 items >= it, a0 and a2); a3 last; b0 ties b1
+    assert ranks["full"].tolist() == [1, 3, 4, 2]
+
+    _, neg, tgt = draw_candidates(tokens, domains, targets, hists, 1, 7, False)
+    # the protocol's score rows: column 0 is the padding item, then the items in token order
+    scores = torch.as_tensor(np.r_[-1, counts], dtype=torch.float32).repeat(len(targets), 1)
+    tgt_t = torch.as_tensor(tgt + 1)
+    assert ranks["sampled"].tolist() == sampled_ranks(scores, tgt_t, torch.as_tensor(neg + 1, dtype=torch.long)).tolist()
+    in_dom = torch.as_tensor(np.c_[np.zeros((len(tgt), 1), bool), domains[None, :] == domains[tgt][:, None]])
+    assert ranks["full"].tolist() == full_ranks(scores, tgt_t, in_dom).tolist()
+
+
+def test_split_popularity_of_food_kitchen(fk_data, capsys):
+    """The real release's validation targets are more popular than its test targets: the
+    median training count and the popularity ranking's sampled HR@10 of each split."""
+    import re
+    import sys
+
+    mod = _split_popularity()
+    argv = sys.argv
+    sys.argv = ["split_popularity.py", "--data", os.path.join(fk_data, "food-kitchen")]
+    try:
+        mod.main()
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr().out
+    rows = {(m[0], m[1]): (int(m[2]), float(m[3]), float(m[4]))
+            for m in re.findall(r"^\| (valid|test) \| (A|B) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|", out, re.M)}
+    assert {k: v[:2] for k, v in rows.items()} == {
+        ("valid", "A"): (363, 28), ("valid", "B"): (597, 16), ("test", "A"): (300, 16), ("test", "B"): (637, 11)}
+    assert rows["valid", "A"][2] > 4 * rows["test", "A"][2] and rows["valid", "B"][2] > 2 * rows["test", "B"][2]
