@@ -181,8 +181,9 @@ def stage_lines_to(report):
 
 @contextmanager
 def stages_lock(config):
-    """Held while a run prepares its model's stages: runs side by side on one dataset (the
-    benchmark's ``jobs: N``, Ray, two commands) build its cached stages once. The others
+    """Held while a run prepares its model's stages, and while it runs its after-training
+    stage (URLLM's LLM): runs side by side on one dataset (the benchmark's ``jobs: N``, Ray,
+    two commands) build its cached stages once and never write one cached file together. The others
     wait, saying so, and then find the stages cached. One lock per dataset folder, the
     operating system's, so a run that dies lets go (``dataset_converters.filelock``)."""
     from dataset_converters.filelock import FileLock
@@ -243,7 +244,10 @@ def _run(config, t_start, saved, verbose, evaluate_test, save_results, report=No
         train_data, valid_data, saved=saved, show_progress=config["show_progress"], verbose=verbose
     )
     after = get_after_training(config["model"])
-    after_record = after(config, trainer, train_data, valid_data, test_data) if after and evaluate_test else None
+    after_record = None
+    if after and evaluate_test:  # URLLM's LLM stage: cached files next to the dataset, so under the lock too
+        with stage_lines_to(report if not verbose else None), stages_lock(config):
+            after_record = after(config, trainer, train_data, valid_data, test_data)
     t_test = time()
     test_result, test_ranks = None, None
     if evaluate_test:

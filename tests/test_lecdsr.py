@@ -514,3 +514,34 @@ def test_a_dataset_folder_that_refuses_the_stages_lock_still_runs_with_a_warning
             ran.append(True)
     assert ran == [True]
     assert "cannot create the stages lock" in caplog.text and "Read-only file system" in caplog.text
+
+
+def test_the_after_training_stage_runs_under_the_stages_lock(tmp_path, monkeypatch):
+    """An after-training stage (URLLM's LLM: LoRA adapters, generation files and title
+    vectors cached next to the dataset) runs while its run holds the dataset's stages lock,
+    so a second run on the same dataset cannot write those files at the same time; the lock
+    is let go afterwards, and the stage's record reaches the results."""
+    from dataset_converters.filelock import FileLock, LockBusy
+    import recbole_cdsr.quick_start as qs
+
+    data = str(tmp_path / "data")
+    write_synthetic_cdsr(data, "tiny-cdsr", seed=3)
+    lock_path = os.path.join(data, "tiny-cdsr", ".tiny-cdsr.stages.lock")
+    seen = []
+
+    def after(config, trainer, train_data, valid_data, test_data):
+        try:
+            FileLock(lock_path).acquire().release()
+            seen.append("free")
+        except LockBusy as e:
+            seen.append(f"held by {e.holder}")
+        return {"stage": "ran"}
+
+    monkeypatch.setattr(qs, "get_after_training", lambda model: after)
+    out = qs.run_recbole_cdsr("SASRec", "tiny-cdsr", config_dict=base_config(
+        str(tmp_path), data_path=data, epochs=1, hidden_size=16, inner_size=16, n_layers=1, eval_neg_num=20),
+        verbose=False)
+    assert len(seen) == 1 and seen[0].startswith("held by") and f"pid {os.getpid()}" in seen[0], seen
+    assert out["results"]["after_training"] == {"stage": "ran"}
+    assert not os.path.exists(lock_path)
+    FileLock(lock_path).acquire().release()  # let go: the next run takes it at once
