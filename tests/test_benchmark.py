@@ -780,7 +780,7 @@ def test_committed_converged_benchmark_caps_only_the_expensive_rows():
 def test_converged_leaderboard_is_the_committed_runs_of_the_converged_benchmark_file(fk_data):
     """The committed converged board (leaderboard Markdown, README tables, equal-epoch
     section) is what its results.jsonl gives for the planned runs (recomputed here, nothing
-    written); its finished runs record why they stopped and come from the two code versions
+    written); all 51 runs are in, record why they stopped and come from the two code versions
     that benchmarks/README.md names (e7d30e5's sources, then ab7ebc1's for the later runs)."""
     from recbole_cdsr.benchmark.leaderboard import (
         code_versions, equal_epoch_rows, readme_block, readme_markers, select_lines, summarize, to_markdown,
@@ -798,6 +798,13 @@ def test_converged_leaderboard_is_the_committed_runs_of_the_converged_benchmark_
     code = code_versions(by_name)
     assert set(code) <= {"687dcf3bf7e7", "7340d3f7267a"} and len(code["687dcf3bf7e7"]) == 19
     assert all(ln["timing"]["stop_reason"] in ("early_stopping", "epoch_cap") for ln in ok)
+    # complete: 17 rows x 3 seeds; the rows the file caps (and URLLM-DG's public 15 epochs)
+    # stopped at their cap, every other row by early stopping
+    assert missing == {} and len(ok) == 51 and len(by_name) == 17 and all(len(v) == 3 for v in by_name.values())
+    capped = {"Caser": 10, "NextItNet": 10, "LightSANs": 10, "FEARec": 10, "C2DSR": 10, "LeCDSR": 10, "URLLM-DG": 15}
+    for name, lns in by_name.items():
+        stops = {(ln["timing"]["stop_reason"], ln["timing"]["epochs_trained"] if name in capped else None) for ln in lns}
+        assert stops == ({("epoch_cap", capped[name])} if name in capped else {("early_stopping", None)}), (name, stops)
     rows = summarize(spec, "food-kitchen", by_name)
     equal = equal_epoch_rows(spec, "food-kitchen", by_name, spec.equal_epochs)
     base = os.path.join(spec.output_dir, "leaderboard-food-kitchen")
