@@ -23,35 +23,26 @@ import sys
 from collections import defaultdict
 
 import numpy as np
-import pandas as pd
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from recbole_cdsr.data.atomic import AtomicFileError, read_item_titles, read_rows  # noqa: E402
 from recbole_cdsr.data.candidates import draw_candidates  # noqa: E402
-from recbole_cdsr.evaluation.protocol import instance_metric  # noqa: E402
-
-
-def read_split(path):
-    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    cols = {c.split(":")[0]: c for c in df.columns}
-    for f in ("item_id_list", "item_id"):
-        if f not in cols:
-            sys.exit(f"{path}: no column {f}; is this an atomic file of dataset_converters?")
-    return [h.split() for h in df[cols["item_id_list"]]], df[cols["item_id"]].to_numpy()
+from recbole_cdsr.evaluation.protocol import full_ranks, instance_metric, sampled_ranks  # noqa: E402
 
 
 def pop_ranks(counts, tokens, domains, targets, hists, neg_num, seed):
-    """``{protocol: ranks}`` of ``targets`` under the popularity score, pessimistic ties."""
+    """``{protocol: ranks}`` of ``targets`` under the popularity score, ranked by the
+    protocol's own functions (``tokens`` sorted, as ``draw_candidates`` orders them)."""
     _, neg, tgt = draw_candidates(tokens, domains, targets, hists, neg_num, seed, False)
-    s_t = counts[tgt]
-    sampled = 1 + (counts[neg] >= s_t[:, None]).sum(1)
-    full = np.empty(len(tgt), dtype=np.int64)
-    for d in np.unique(domains):
-        pool = np.sort(counts[domains == d])
-        sel = domains[tgt] == d
-        # 1 + the items of the domain with a count >= the target's, the target itself not counted
-        full[sel] = len(pool) - np.searchsorted(pool, s_t[sel], side="left")
-    return {"sampled": sampled, "full": full}
+    # a score row as the protocol sees one: column 0 the padding item, then the items
+    row = torch.as_tensor(np.r_[-1, counts], dtype=torch.float32)
+    scores = row.expand(len(tgt), -1)
+    tgt_t = torch.as_tensor(tgt + 1)
+    in_dom = torch.as_tensor(np.c_[np.zeros((len(tgt), 1), bool), domains[None, :] == domains[tgt][:, None]])
+    return {"sampled": sampled_ranks(scores, tgt_t, torch.as_tensor(neg + 1, dtype=torch.long)).numpy(),
+            "full": full_ranks(scores, tgt_t, in_dom).numpy()}
 
 
 def main():
@@ -65,33 +56,28 @@ def main():
 
     name = os.path.basename(os.path.normpath(a.data))
     path = lambda suffix: os.path.join(a.data, f"{name}.{suffix}")  # noqa: E731
-    for s in ("item", "train.inter", "valid.inter", "test.inter"):
-        if not os.path.exists(path(s)):
-            sys.exit(f"missing {path(s)}: build the dataset with python -m dataset_converters first")
-    items = pd.read_csv(path("item"), sep="\t", dtype=str, keep_default_na=False)
-    icol = {c.split(":")[0]: c for c in items.columns}
-    order = np.argsort(items[icol["item_id"]].to_numpy(), kind="stable")  # draw_candidates' item order
-    tokens = items[icol["item_id"]].to_numpy()[order]
-    domains = items[icol["domain"]].to_numpy()[order]
+    try:
+        item_tokens, item_domains, _ = read_item_titles(path("item"))
+        splits = {s: read_rows(path(f"{s}.inter")) for s in ("train", "valid", "test")}
+    except AtomicFileError as e:
+        sys.exit(f"{e}; build the dataset with python -m dataset_converters first")
+    order = np.argsort(item_tokens, kind="stable")  # draw_candidates' item order
+    tokens, domains = item_tokens[order], item_domains[order]
     index = {t: i for i, t in enumerate(tokens)}
+    seen = [index[x] for _, h, t in splits["train"] for x in h + [t]]
+    counts = np.bincount(seen, minlength=len(tokens))
 
-    counts = np.zeros(len(tokens), dtype=np.int64)
-    th, tt = read_split(path("train.inter"))
-    for h, t in zip(th, tt):
-        for x in h + [t]:
-            counts[index[x]] += 1
-
-    print(f"{name}: popularity = count in the {len(tt):,} training sequences; "
+    print(f"{name}: popularity = count in the {len(splits['train']):,} training sequences; "
           f"sampled: {a.neg} negatives, seed {a.seed}; pessimistic ties")
     print(f"| split | domain | instances | median count of the target | sampled HR@{a.k} | "
           f"sampled NDCG@{a.k} | full HR@{a.k} | full NDCG@{a.k} |")
     print("|---|---|---|---|---|---|---|---|")
     pop = {}
     for split in ("valid", "test"):
-        hists, targets = read_split(path(f"{split}.inter"))
+        hists, targets = [h for _, h, _ in splits[split]], np.array([t for _, _, t in splits[split]])
         ranks = pop_ranks(counts, tokens, domains, targets, hists, a.neg, a.seed)
-        tdom = domains[[index[t] for t in targets]]
-        tcount = counts[[index[t] for t in targets]]
+        tgt = np.array([index[t] for t in targets])
+        tdom, tcount = domains[tgt], counts[tgt]
         for d in np.unique(domains):
             sel = tdom == d
             m = {(pr, mt): float(instance_metric(ranks[pr][sel], mt, a.k).mean())

@@ -183,9 +183,9 @@ def stage_lines_to(report):
 def stages_lock(config):
     """Held while a run prepares its model's stages, and while it runs its after-training
     stage (URLLM's LLM): runs side by side on one dataset (the benchmark's ``jobs: N``, Ray,
-    two commands) build its cached stages once and never write one cached file together. The others
-    wait, saying so, and then find the stages cached. One lock per dataset folder, the
-    operating system's, so a run that dies lets go (``dataset_converters.filelock``)."""
+    two commands) build its cached stages once and never write one cached file together.
+    The others wait, saying so, and then find the stages cached. One lock per dataset
+    folder, the operating system's, so a run that dies lets go (``dataset_converters.filelock``)."""
     from dataset_converters.filelock import FileLock
 
     path = os.path.join(config["data_path"], f".{config['dataset']}.stages.lock")
