@@ -30,6 +30,15 @@ any padding change; ``our/floor`` divides our epoch by RecBole's head.
 
 Prints a table, then ``ratio MODEL VIEW X.XX`` (RecBole's seconds per epoch / ours) per model
 and view and ``ratio MODEL eval X.XX``.
+
+The plugin's cross-domain models (C2DSR, URLLM, LeCDSR) have no RecBole path; for them the
+two paths are ``old`` (``fast_layers: False`` and ``fused_loss: False``: the path before
+their cheaper steps, the same random streams as then) and ``fast`` (the defaults), timed in
+turn in this one process on the same batches' distribution, and the line is
+``ratio MODEL fast X.XX`` (old seconds per step / fast). Their rows also give the time per
+step of the prediction heads alone (``head``: the fused cross-entropy calls of the fast
+path, their three matrix products per row over every item of the domain: the floor that no
+exact change of the rest removes).
 """
 
 import argparse
@@ -214,7 +223,8 @@ def main():
     ap.add_argument("--data_path", default="dataset")
     ap.add_argument("--dataset", default="food-kitchen")
     ap.add_argument("--models", default="SASRec,GRU4Rec,BERT4Rec,NARM,STAMP,SRGNN",
-                    help="comma-separated RecBole model names, or 'all' (every model the protocol runs)")
+                    help="comma-separated model names (RecBole's, or C2DSR, URLLM, LeCDSR: old path vs fast), "
+                         "or 'all' (every RecBole model the protocol runs)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch_size", type=int, default=None, help="train_batch_size (default: the model's)")
@@ -288,9 +298,62 @@ def print_table(rows):
         )
 
 
+PLUGIN_MODELS = ("C2DSR", "URLLM", "LeCDSR")
+
+
+def measure_plugin_model(model, args):
+    """The old and the fast path of one of :data:`PLUGIN_MODELS`: table rows and the ratio."""
+    import importlib
+
+    paths = [TimedPath("old", build(model, args, fast_layers=False, fused_loss=False)),
+             TimedPath("fast", build(model, args))]
+    fast = paths[1]
+    mod = importlib.import_module(type(fast.net).__module__)
+    if not hasattr(mod, "linear_cross_entropy"):  # URLLM's module imports its heads from C2DSR's
+        mod = importlib.import_module("recbole_cdsr.model.c2dsr")
+    head = {"seconds": 0.0, "on": False}
+    inner = getattr(mod, "linear_cross_entropy", None)
+    if inner is not None:
+        def timed_head(*a, **k):
+            t0 = time.perf_counter()
+            out = inner(*a, **k)
+            if head["on"]:
+                head["seconds"] += time.perf_counter() - t0
+            return out
+
+        mod.linear_cross_entropy = timed_head
+    step = fast.step
+
+    def counted(timed):
+        head["on"] = timed
+        step(timed)
+        head["on"] = False
+
+    fast.step = counted
+    try:
+        time_interleaved(paths, args.steps, args.warmup)
+    finally:
+        if inner is not None:
+            mod.linear_cross_entropy = inner
+    rows = []
+    old = paths[0].seconds_per_step()
+    for p in paths:
+        s = p.seconds_per_step()
+        print(f"{model} {p.name}: {s:.3f} s/step x {p.n_batches} = {s * p.n_batches:.1f} s/epoch", flush=True)
+        rows.append((model, p.name, s, p.n_batches, s * p.n_batches, old / s, None, p.loss_path, None))
+    if inner is not None:
+        h = head["seconds"] / max(len(fast.times), 1)
+        rows.append((model, "head", h, fast.n_batches, h * fast.n_batches, None, None,
+                     f"fused heads alone: {h / fast.seconds_per_step():.0%} of a fast step", None))
+    return rows, [f"ratio {model} fast {old / fast.seconds_per_step():.2f}"], []
+
+
 def measure_model(model, args, heads):
     """Rows of the table, ``ratio`` lines and ``memory`` lines of one model."""
     from recbole_cdsr.trainer.whole_sequence import SEQUENCE_MODELS
+
+    if model in PLUGIN_MODELS:
+        return measure_plugin_model(model, args)
 
     rows, ratios, mem = [], [], []
     paths = [TimedPath("recbole", build(model, args, dynamic_padding="off", fused_loss=False,

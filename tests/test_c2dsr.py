@@ -140,3 +140,97 @@ def test_one_command_on_real_food_kitchen_slice(tmp_path, slice_data, capsys):
     assert set(res["test"]) == {"sampled", "full"} and "A/mrr@10" in res["test"]["full"]
     out = capsys.readouterr().out
     assert "Test results of C2DSR on fk-slice" in out
+
+
+# -- the cheaper exact paths (fast_layers, fused_loss) ----------------------------------
+def test_gcn_rows_equal_the_whole_table_propagation_by_hand():
+    """ParamFreeGCN.rows gives the rows of forward (depths 1 and 2, eval mode), and in
+    training one dropout mask per table row, shared by every row that reads it."""
+    from recbole_cdsr.model.c2dsr import RowLookup, csr_parts
+
+    torch.manual_seed(0)
+    dom = np.array([-1, 0, 0, 1, 1, 0])
+    adj, _ = transition_graphs([[1, 3, 2, 4], [1, 2], [1, 3], [5, 3, 5]], 6, dom)
+    emb = torch.randn(6, 4, requires_grad=True)
+    for depth in (1, 2):
+        g = ParamFreeGCN(4, depth, dropout=0.5).eval()
+        ids = torch.tensor([0, 2, 5])
+        whole = g(emb, adj)
+        rows = g.rows(emb, csr_parts(adj), ids)
+        assert torch.allclose(rows, whole[ids], atol=1e-6)
+        (gw,) = torch.autograd.grad(whole[ids].sum(), emb)
+        (gr,) = torch.autograd.grad(rows.sum(), emb)
+        assert gr.abs().sum() > 0 and torch.allclose(gr, gw, atol=1e-6)
+    # rows 1 and 4 of this graph both read row 2 alone: in training, one mask for row 2
+    one = torch.sparse_coo_tensor(torch.tensor([[1, 4], [2, 2]]), torch.ones(2), (6, 6), check_invariants=True).coalesce()
+    g = ParamFreeGCN(4, 1, dropout=0.5).train()
+    flat = torch.ones(6, 4)
+    for _ in range(5):
+        out = g.rows(flat, csr_parts(one), torch.tensor([1, 4]))
+        assert torch.equal(out[0], out[1])
+        assert set(torch.unique(torch.round((out - g.biases[0] / 2) * 1e4) / 1e4).tolist()) <= {0.5, 1.5}  # (1 + {0, 2}) / 2
+    look = RowLookup(torch.arange(6.0).view(3, 2), torch.tensor([0, 3, 7]), 9)
+    assert torch.equal(look[torch.tensor([[7, 0]])], torch.tensor([[[4.0, 5.0], [0.0, 1.0]]]))
+    with pytest.raises(IndexError, match="outside the rows"):
+        look[torch.tensor([3, 4])]
+
+
+def _fast_and_old(tmp, data, model="C2DSR", **kw):
+    old = setup_model(model, os.path.join(tmp, "old"), data, dataset="food-kitchen", fast_layers=False,
+                      fused_loss=False, **kw)
+    new = setup_model(model, os.path.join(tmp, "new"), data, dataset="food-kitchen", **kw)
+    return old, new
+
+
+def compare_fast_and_old_paths(tmp, data, model):
+    """Loss terms, gradients and scores of the fast path against the path before it, on
+    real Food-Kitchen rows, dropout off (the paths draw their masks differently)."""
+    (_, _, (train, _, test), old), (_, _, _, new) = _fast_and_old(tmp, data, model, hidden_size=32, dropout_prob=0.0)
+    assert new.fast and new.fused and not old.fast and not old.fused
+    new.load_state_dict(old.state_dict())
+    assert all(e.pack_below == 0.8 and e.kept_draws for e in new.encoders)
+    batch = next(iter(train))
+    grads, terms = [], []
+    for net in (old, new):
+        net.train()
+        torch.manual_seed(5)
+        t = net.losses(batch)
+        sum(t).backward()
+        terms.append(torch.stack([x.detach() for x in t]))
+        grads.append({n: p.grad for n, p in net.named_parameters() if p.grad is not None})
+    assert torch.allclose(terms[0], terms[1], rtol=1e-5) and (terms[0] > 0).all()
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) > 20
+    for name, g in grads[0].items():
+        assert torch.allclose(grads[1][name], g, rtol=1e-3, atol=1e-6), name
+    assert grads[1]["item_emb.weight"].abs().sum() > 0
+    for net in (old, new):
+        net.eval()
+    rows = test.dataset.inter_feat[:64]
+    with torch.no_grad():
+        a, b = old.full_sort_predict(rows), new.full_sort_predict(rows)
+    finite = torch.isfinite(a)
+    assert torch.equal(finite, torch.isfinite(b)) and torch.allclose(a[finite], b[finite], atol=1e-5)
+    return old, new, batch
+
+
+@pytest.mark.slow
+def test_fast_path_equals_the_old_path_on_real_food_kitchen(tmp_path, fk_data):
+    old, new, batch = compare_fast_and_old_paths(str(tmp_path), fk_data, "C2DSR")
+    # with dropout on, the fast path trains: finite terms, gradients into every table
+    new.train()
+    new.zero_grad()
+    loss = new.calculate_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for t in (new.item_emb, new.item_emb_a, new.item_emb_b):
+        assert t.weight.grad.abs().sum() > 0
+
+
+def test_discriminator_as_x_w_y_equals_bilinear(tmp_path, slice_data):
+    _, _, _, model = _setup(str(tmp_path), slice_data)
+    x, y = torch.randn(7, 32), torch.randn(7, 32)
+    model.fast = False
+    want = model.disc_score(0, x, y)
+    model.fast = True
+    assert torch.allclose(model.disc_score(0, x, y), want, atol=1e-5)
+    assert torch.allclose(want, model.disc[0](x, y))

@@ -475,3 +475,48 @@ def test_train_speed_script_prints_its_ratios(model_env, capsys):
     assert re.search(r"^memory SASRec loss head peak RSS \d+ MB, fused \d+ MB", out, re.M)
     assert re.search(r"^SASRec\s+sequence .*sequence_fused_ce, trimmed$", out, re.M)
     assert re.search(r"^Caser\s+prefix .*fused_ce, padded$", out, re.M)
+
+
+def test_linear_cross_entropy_with_an_extra_logit_equals_full_logits():
+    """``extra``: one more class per row (C2DSR's lin_pad logit), as F.cross_entropy over the
+    logits with that column appended; targets of both kinds, chunks of 5."""
+    _seed(2)
+    h = torch.randn(23, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    e0 = torch.randn(23, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 41, (23,))
+    t[:4] = 40  # the extra class
+    ref = F.cross_entropy(torch.cat([h @ w.t() + b, (3 * e0).unsqueeze(1)], 1), t)
+    gref = torch.autograd.grad(ref * 2.0, [h, w, b, e0])
+    out = linear_cross_entropy(h, w, t, bias=b, chunk=5, extra=3 * e0)
+    g = torch.autograd.grad(out * 2.0, [h, w, b, e0])
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    for a, r in zip(g, gref):
+        assert r.abs().sum() > 0 and torch.allclose(a, r, rtol=1e-10, atol=1e-12)
+    # by hand: logits [0, 2] and extra 1, target the extra class: log(1 + e^2 + e) - 1
+    one = linear_cross_entropy(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0], [2.0, 0.0]]),
+                               torch.tensor([2]), extra=torch.tensor([1.0]))
+    assert abs(one.item() - (np.log(1 + np.exp(2.0) + np.e) - 1.0)) < 1e-6
+    with pytest.raises(ValueError, match="extra must be"):
+        linear_cross_entropy(h, w, t, extra=e0[:3])
+
+
+def test_fast_layers_train_with_torchs_fused_adam(model_env):
+    """Adam and AdamW run torch's fused kernel when fast_layers is on (the same update as
+    the loop, to rounding); off, RecBole's own optimiser."""
+    from recbole_cdsr.trainer.trainer import CDSRTrainer
+
+    tmp, data = model_env
+    steps = []
+    for fast in (True, False):
+        config, _, _, _, net = _build("SASRec", tmp, data, fast_layers=fast)
+        opt = CDSRTrainer(config, net).optimizer
+        assert type(opt) is torch.optim.Adam and bool(opt.defaults["fused"]) == fast
+        assert opt.defaults["betas"] == (0.9, 0.999)
+        w = net.item_embedding.weight
+        w.grad = torch.ones_like(w)
+        before = w.detach().clone()
+        opt.step()
+        steps.append(w.detach() - before)
+    assert steps[0].abs().sum() > 0 and torch.allclose(steps[0], steps[1], atol=1e-7)

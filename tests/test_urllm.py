@@ -61,17 +61,19 @@ def test_tokens_losses_and_scores(tmp_path, slice_data):
 
 
 def test_packed_encoders_train_the_same_model(tmp_path, slice_data):
-    """URLLM's 2d-wide tokens run the encoders' per-slot layers on the kept slots alone
-    (pack_below, on from width 512); on a real batch in training mode (dropout and corruption
-    noise on, same seed) loss and gradients are those of the run over every slot."""
+    """The encoders' per-slot layers on the kept slots alone (pack_below) with the dropout
+    draws of every slot (kept_draws False): on a real batch in training mode (dropout and
+    corruption noise on, same seed) loss and gradients are those of the run over every slot.
+    The fast path packs at any width and draws its masks on the kept slots alone; the old
+    path packs from width 512 only."""
     _, _, (train, _, _), model = _setup(str(tmp_path), slice_data)
-    assert all(e.pack_below == 0.0 for e in model.encoders)  # 32 wide: never packed by default
+    assert all(e.pack_below == 0.8 and e.kept_draws for e in model.encoders)  # fast: packed, kept draws
     batch = next(iter(train))
     model.train()
 
-    def run(pack_below):
+    def run(pack_below, kept_draws=False):
         for e in model.encoders:
-            e.pack_below = pack_below
+            e.pack_below, e.kept_draws = pack_below, kept_draws
         model.zero_grad()
         torch.manual_seed(3)
         loss = model.calculate_loss(batch)
@@ -82,10 +84,17 @@ def test_packed_encoders_train_the_same_model(tmp_path, slice_data):
     assert torch.allclose(packed, padded, rtol=1e-5) and len(g_packed) == len(g_padded)
     for a, b in zip(g_packed, g_padded):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    kept, _ = run(1.0, kept_draws=True)  # other masks: another loss, of the same size
+    assert not torch.allclose(kept, packed, rtol=1e-5) and abs(kept.item() / packed.item() - 1) < 0.2
     torch.manual_seed(4)
+    for e in model.encoders:
+        e.kept_draws = False
     assert not torch.allclose(model.calculate_loss(batch).detach(), packed, rtol=1e-5)  # dropout is on
-    wide = _setup(str(tmp_path / "wide"), slice_data, hidden_size=256)[3]
+    old = _setup(str(tmp_path / "old"), slice_data, fast_layers=False)[3]
+    assert all(e.pack_below == 0.0 and not e.kept_draws for e in old.encoders)  # 32 wide: never packed
+    wide = _setup(str(tmp_path / "wide"), slice_data, hidden_size=256, fast_layers=False)[3]
     assert all(e.pack_below == 0.8 for e in wide.encoders)  # 512-wide tokens: packed
+
 
 def test_corrupted_tokens_get_noise_only_there(tmp_path, slice_data):
     _, _, (train, _, _), model = _setup(str(tmp_path), slice_data)
@@ -288,3 +297,14 @@ def test_llm_stage_through_the_one_command_on_a_real_slice(tmp_path, slice_data)
     # every test user's LLM item is ranked first: under the full protocol HR@1 is exactly the
     # share of users whose LLM item is the target
     assert res["test"]["full"]["overall/hit@1"] == pytest.approx(llm["llm_item_is_target"] / 60)
+
+
+@pytest.mark.slow
+def test_fast_path_equals_the_old_path_on_real_food_kitchen(tmp_path, fk_data):
+    """URLLM's dual-graph model on the fast path (row-gathered tables with the attribute
+    graph, fused heads, packed views drawing dropout on kept slots alone): the same loss
+    terms, gradients and scores as the path before it on real Food-Kitchen rows."""
+    from test_c2dsr import compare_fast_and_old_paths
+
+    _, new, _ = compare_fast_and_old_paths(str(tmp_path), fk_data, "URLLM")
+    assert new.item_emb_att.weight.grad.abs().sum() > 0

@@ -34,6 +34,7 @@ difference):
 """
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -43,7 +44,13 @@ from torch import nn
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
+from recbole_cdsr.model.fused_ce import linear_cross_entropy
 from recbole_cdsr.model.layers import PublicSASRecEncoder
+
+
+#: rows per chunk of the fused heads: one [items, 1024] block of logits at a time (113 MB for
+#: Food-Kitchen's 27,637 B items); larger chunks run the head's matrix products faster on CPU
+HEAD_CHUNK = 1024
 
 
 def _row_normalised(rows, cols, n):
@@ -73,6 +80,43 @@ def transition_graphs(sequences, n_items, item_domain):
     return adj, _row_normalised(f[:-1][same], f[1:][same], n_items)
 
 
+def csr_parts(adj):
+    """``(crow, col, val)`` of a coalesced sparse COO matrix: its CSR arrays (the columns of a
+    row ascending)."""
+    with warnings.catch_warnings():  # torch calls its sparse CSR support beta
+        warnings.simplefilter("ignore", UserWarning)
+        csr = adj.coalesce().to_sparse_csr()
+    return csr.crow_indices().long(), csr.col_indices().long(), csr.values()
+
+
+def csr_rows(crow, col, val, rows):
+    """The nonzeros of rows ``rows`` of a CSR matrix: ``(local row, column, value)``, local row
+    ``i`` standing for ``rows[i]``; row by row, columns ascending within a row."""
+    start = crow[rows]
+    count = crow[rows + 1] - start
+    local = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), count)
+    first = torch.repeat_interleave(count.cumsum(0) - count, count)
+    pos = torch.repeat_interleave(start, count) + torch.arange(len(local), device=rows.device) - first
+    return local, col[pos], val[pos]
+
+
+class RowLookup:
+    """Rows of an [n, H] table computed only for the items ``ids`` (sorted, distinct),
+    indexed with item ids like the whole table: ``lookup[seq]`` is ``table[seq]``. An id
+    outside ``ids`` is an error, never a wrong row."""
+
+    def __init__(self, rows, ids, n):
+        self.rows = rows
+        self.where = torch.full((n,), -1, dtype=torch.long, device=ids.device)
+        self.where[ids] = torch.arange(len(ids), device=ids.device)
+
+    def __getitem__(self, seq):
+        w = self.where[seq]
+        if bool((w < 0).any()):
+            raise IndexError("RowLookup: an item outside the rows computed for this batch")
+        return self.rows[w]
+
+
 class ParamFreeGCN(nn.Module):
     """C2DSR's GCN as its public code runs: layer l computes ``A dropout(h_{l-1}) + b_l`` (the
     layer's weight matrix and LeakyReLU are allocated there but never applied), and the
@@ -92,6 +136,31 @@ class ParamFreeGCN(nn.Module):
             outs.append(h)
         return torch.stack(outs).mean(0)
 
+    def rows(self, emb, graph, ids):
+        """:meth:`forward`'s rows ``ids`` (sorted, distinct) alone, [len(ids), H]: each layer
+        propagates only the rows the next one (or the output) reads, from the rows of the
+        layer below that those rows link to. ``graph``: the adjacency's CSR arrays
+        (:func:`csr_parts`). The same function as :meth:`forward`; dropout draws one mask per
+        table row it reads (each row's mask shared by every row that links to it, as the
+        whole-table dropout), from ``rand`` rather than ``bernoulli``: the same distribution,
+        another random stream."""
+        need, links = [ids], []
+        for _ in self.biases:  # top layer first: the rows below that each layer reads
+            local, c, v = csr_rows(*graph, need[0])
+            below = torch.unique(torch.cat([ids, c]))
+            links.insert(0, (local, torch.searchsorted(below, c), v))
+            need.insert(0, below)
+        h = emb[need[0]]
+        outs = [h[torch.searchsorted(need[0], ids)]]
+        for layer, (b, (local, c, v)) in enumerate(zip(self.biases, links)):
+            if self.training and self.p > 0:
+                h = h * ((torch.rand_like(h) >= self.p).to(h.dtype) * (1.0 / (1.0 - self.p)))
+            a = torch.sparse_coo_tensor(torch.stack([local, c]), v, (len(need[layer + 1]), len(need[layer])),
+                                        is_coalesced=True, check_invariants=False)
+            h = torch.sparse.mm(a, h) + b
+            outs.append(h[torch.searchsorted(need[layer + 1], ids)])
+        return torch.stack(outs).mean(0)
+
 
 class C2DSR(SequentialRecommender):
     input_type = InputType.POINTWISE
@@ -106,6 +175,12 @@ class C2DSR(SequentialRecommender):
         self.lam = config["c2dsr_lambda"]
         self.loss_positions = config["c2dsr_loss_positions"]
         self.resample_corruption = config["c2dsr_resample_corruption"]
+        # the cheaper exact paths (docs/speed.md): item tables propagated only for the rows a
+        # batch reads, the discriminators as (x W) . y (fast_layers); the prediction terms by
+        # the fused cross-entropy with lin_pad's logit as one more class (fused_loss). Both
+        # False: the path before them, whole tables and full logits (the same random streams)
+        self.fast = config["fast_layers"] is not False
+        self.fused = config["fused_loss"] is not False
         window = self.max_seq_length + 1  # the public window: inputs of at most window - 1 items
         item_domain = torch.as_tensor(dataset.item_domain, dtype=torch.long)
         self.register_buffer("item_domain", item_domain, persistent=False)  # -1: padding
@@ -125,6 +200,9 @@ class C2DSR(SequentialRecommender):
         enc = dict(hidden_size=width, max_len=window, n_layers=config["n_layers"], n_heads=config["n_heads"],
                    dropout=p, position_padding_idx=0, xavier=False, input_scale=H**0.5)
         self.encoders = nn.ModuleList([PublicSASRecEncoder(0, **enc) for _ in range(3)])  # mixed, A, B
+        if self.fast:  # the per-slot layers on the kept slots alone, their dropout drawn there alone
+            for e in self.encoders:
+                e.pack_below, e.kept_draws = 0.8, True
         self.lin_x = nn.Linear(width, len(dom_items[0]))
         self.lin_y = nn.Linear(width, len(dom_items[1]))
         self.lin_pad = nn.Linear(width, 1)
@@ -136,6 +214,9 @@ class C2DSR(SequentialRecommender):
         adj, adj_single = transition_graphs(dataset.training_sequences, self.n_items, dataset.item_domain)
         self.register_buffer("adj", adj, persistent=False)
         self.register_buffer("adj_single", adj_single, persistent=False)
+        for name, g in (("adj", adj), ("adj_single", adj_single)):
+            for part, t in zip(("crow", "col", "val"), csr_parts(g)):
+                self.register_buffer(f"{name}_{part}", t, persistent=False)
         # one uniform number per (user, slot): the items that corrupt a user's sequence are the
         # same in every epoch, as the public code draws them once (c2dsr_resample_corruption)
         gen = torch.Generator().manual_seed(int(config["seed"]))
@@ -147,10 +228,46 @@ class C2DSR(SequentialRecommender):
         """Width of the encoders' tokens: H."""
         return config["hidden_size"]
 
-    def tables(self):
-        """The three propagated item tables (mixed over ``adj``; A and B over ``adj_single``)."""
-        return (self.gcn[0](self.item_emb.weight, self.adj), self.gcn[1](self.item_emb_a.weight, self.adj_single),
-                self.gcn[2](self.item_emb_b.weight, self.adj_single))
+    def graph(self, name):
+        """The CSR arrays of graph ``name`` (``adj``, ``adj_single``)."""
+        return tuple(getattr(self, f"{name}_{part}") for part in ("crow", "col", "val"))
+
+    def tables(self, ids=None):
+        """The three propagated item tables (mixed over ``adj``; A and B over ``adj_single``):
+        whole [n_items, H] tensors, or with ``ids`` (per table, sorted distinct item ids, from
+        :meth:`table_ids`) a :class:`RowLookup` of those rows alone."""
+        parts = ((self.gcn[0], self.item_emb, "adj"), (self.gcn[1], self.item_emb_a, "adj_single"),
+                 (self.gcn[2], self.item_emb_b, "adj_single"))
+        if ids is None:
+            return tuple(g(e.weight, getattr(self, a)) for g, e, a in parts)
+        return tuple(RowLookup(g.rows(e.weight, self.graph(a), i), i, self.n_items)
+                     for (g, e, a), i in zip(parts, ids))
+
+    def table_ids(self, seq, corrupted=()):
+        """The rows each table is read at for history ``seq`` (and ``corrupted`` sequences, which
+        only the mixed encoder reads): the mixed table at every item (and padding), a view's
+        table at its domain's items and padding (:meth:`view_seq`)."""
+        pad = seq.new_zeros(1)
+        dom = self.item_domain[seq]
+        return (torch.unique(torch.cat([pad, seq.reshape(-1)] + [c.reshape(-1) for c in corrupted])),
+                torch.unique(torch.cat([pad, seq[dom == 0]])), torch.unique(torch.cat([pad, seq[dom == 1]])))
+
+    def view_seq(self, k, seq):
+        """What encoder ``k`` reads its tokens at: the history itself for the mixed encoder
+        (and for every encoder on the whole-table path); for a view on the row path, the
+        history with the other domain's items as padding (those slots are zeroed inside the
+        encoder whatever their token, so the result is the same)."""
+        if k == 0 or not self.fast:
+            return seq
+        return torch.where(self.item_domain[seq] == k - 1, seq, 0)
+
+    def disc_score(self, k, x, y):
+        """Discriminator ``k``'s logit [B, 1] of ``x`` against ``y``: ``x W y + b`` (nn.Bilinear;
+        as ``(x W) . y`` on the fast path: no [B, H, H] tensors in its backward)."""
+        d = self.disc[k]
+        if not self.fast:
+            return d(x, y)
+        return ((x @ d.weight[0]) * y).sum(-1, keepdim=True) + d.bias
 
     def tokens(self, k, seq, tables, corrupted=False):
         """Input of encoder ``k`` (0 mixed, 1 A view, 2 B view) before the sqrt(H) scaling:
@@ -169,8 +286,8 @@ class C2DSR(SequentialRecommender):
         for k in which:
             keep = real if k == 0 else dom == k - 1
             pos = torch.where(keep, slots if k == 0 else keep.cumsum(1), 0)
-            out.append(self.encoders[k](seq, item_emb=self.tokens(k, seq, tables, corrupted), positions=pos,
-                                        keep=keep))
+            out.append(self.encoders[k](seq, item_emb=self.tokens(k, self.view_seq(k, seq), tables, corrupted),
+                                        positions=pos, keep=keep))
         return out
 
     @staticmethod
@@ -210,27 +327,40 @@ class C2DSR(SequentialRecommender):
         dom_full = self.item_domain[full]
         slot = torch.arange(W, device=seq.device)
         tail = (slot >= (n - self.loss_positions).unsqueeze(1)) & (slot < n.unsqueeze(1))
-        tables = self.tables()
+        dom_next = dom_full[:, 1:]
+        dom_in = dom_full[:, :-1]
+        next_a, next_b = self.next_of_domain(full, dom_full, 0), self.next_of_domain(full, dom_full, 1)
+        pool_a, pool_b = (dom_in == 0) & (next_a > 0), (dom_in == 1) & (next_b > 0)
+        both = pool_a.any(1) & pool_b.any(1)  # rows with a view target in each domain
+        has_mi = bool(both.any())
+        false_a = false_b = None
+        if self.fast and has_mi:  # the corrupted sequences first: the mixed table is read at their items too
+            uid = interaction[self.USER_ID]
+            false_a, false_b = self.corrupt(seq, uid, 0), self.corrupt(seq, uid, 1)
+        tables = self.tables(self.table_ids(seq, [c for c in (false_a, false_b) if c is not None])
+                             if self.fast else None)
         h_mix, h_a, h_b = self.encode(seq, tables)
         denom = len(seq) * self.loss_positions
 
         def ce(h, head, h_pad, mask, target):
             sel = mask.nonzero(as_tuple=True)
+            if self.fused:
+                if len(sel[0]) == 0:
+                    return h.sum() * 0
+                pad = self.lin_pad(h_pad[sel]).squeeze(1)
+                mean = linear_cross_entropy(h[sel], head.weight, self.rank_in_domain[target[sel]], bias=head.bias,
+                                            extra=pad, chunk=HEAD_CHUNK)
+                return mean * (len(sel[0]) / denom)
             logits = torch.cat([head(h[sel]), self.lin_pad(h_pad[sel])], -1)
             return F.cross_entropy(logits, self.rank_in_domain[target[sel]], reduction="sum") / denom
 
-        dom_next = dom_full[:, 1:]
-        dom_in = dom_full[:, :-1]
-        next_a, next_b = self.next_of_domain(full, dom_full, 0), self.next_of_domain(full, dom_full, 1)
-        pool_a, pool_b = (dom_in == 0) & (next_a > 0), (dom_in == 1) & (next_b > 0)
         share_x = ce(h_mix, self.lin_x, h_mix, tail & (dom_next == 0), nxt)
         share_y = ce(h_mix, self.lin_y, h_mix, tail & (dom_next == 1), nxt)
         x = ce(h_mix + h_a, self.lin_x, h_a, tail & pool_a, next_a)
         y = ce(h_mix + h_b, self.lin_y, h_b, tail & pool_b, next_b)
 
         extra = self.extra_losses(seq, tables)
-        both = pool_a.any(1) & pool_b.any(1)  # rows with a view target in each domain
-        if not both.any():
+        if not has_mi:
             zero = h_mix.sum() * 0
             return (share_x, share_y, x, y, zero, zero) + extra
 
@@ -238,19 +368,21 @@ class C2DSR(SequentialRecommender):
             w = m[both].float()
             return (h[both] * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
 
-        uid = interaction[self.USER_ID]
-        (h_false_a,) = self.encode(self.corrupt(seq, uid, 0), tables, which=(0,), corrupted=True)  # A randomised
-        (h_false_b,) = self.encode(self.corrupt(seq, uid, 1), tables, which=(0,), corrupted=True)  # B randomised
+        if false_a is None:
+            uid = interaction[self.USER_ID]
+            false_a, false_b = self.corrupt(seq, uid, 0), self.corrupt(seq, uid, 1)
+        (h_false_a,) = self.encode(false_a, tables, which=(0,), corrupted=True)  # A randomised
+        (h_false_b,) = self.encode(false_b, tables, which=(0,), corrupted=True)  # B randomised
         r_a, r_b = pool(h_a, pool_a), pool(h_b, pool_b)
         real_on_b, real_on_a = pool(h_mix, pool_b), pool(h_mix, pool_a)
         bce = F.binary_cross_entropy_with_logits
 
-        def mi(disc, spec, real, fake):
-            pos, neg = disc(real, spec), disc(fake, spec)
+        def mi(k, spec, real, fake):
+            pos, neg = self.disc_score(k, real, spec), self.disc_score(k, fake, spec)
             return bce(pos, torch.ones_like(pos)) + bce(neg, torch.zeros_like(neg))
 
-        mi_x = mi(self.disc[0], r_a, real_on_b, pool(h_false_a, pool_b))
-        mi_y = mi(self.disc[1], r_b, real_on_a, pool(h_false_b, pool_a))
+        mi_x = mi(0, r_a, real_on_b, pool(h_false_a, pool_b))
+        mi_y = mi(1, r_b, real_on_a, pool(h_false_b, pool_a))
         return (share_x, share_y, x, y, mi_x, mi_y) + extra
 
     def calculate_loss(self, interaction):
@@ -265,7 +397,7 @@ class C2DSR(SequentialRecommender):
         URLLM, represent the user for retrieval."""
         hist, n = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         seq = hist[:, : int(n.max())]
-        h_mix, h_a, h_b = self.encode(seq, self.tables())
+        h_mix, h_a, h_b = self.encode(seq, self.tables(self.table_ids(seq) if self.fast else None))
         rows = torch.arange(len(seq), device=seq.device)
         last = n - 1
         dom = self.item_domain[seq]

@@ -343,9 +343,13 @@ class PointWiseFeedForward(nn.Module):
     def forward(self, x):
         return self.dropout2(self.conv2(F.relu(self.dropout1(self.conv1(x))))) + x
 
-    def rows(self, x, idx, n_rows):
+    def rows(self, x, idx, n_rows, whole_draws=True):
         """:meth:`forward` of the rows ``idx`` of an [n_rows, H] input given as those rows
-        alone (``x`` [len(idx), H]), with the dropout masks the whole input draws for them."""
+        alone (``x`` [len(idx), H]), with the dropout masks the whole input draws for them
+        (``whole_draws``), or with masks drawn for these rows alone (the same distribution,
+        another random stream)."""
+        if not whole_draws:
+            return self.forward(x)
         h = F.relu(self.dropout1.rows(self.conv1(x), idx, n_rows))
         return self.dropout2.rows(self.conv2(h), idx, n_rows) + x
 
@@ -385,6 +389,9 @@ class PublicSASRecEncoder(nn.Module):
         # It pays for wide tokens only (benchmarks/packed_encoder.py: URLLM's 656 wide, 1.86x
         # per training step; C2DSR's 256, 1.04x): on from 512
         self.pack_below = 0.8 if hidden_size >= 512 else 0.0
+        # packed: draw the dropout masks of the per-slot layers for the kept slots alone (True),
+        # or for every slot of the batch so that the random stream is the padded path's (False)
+        self.kept_draws = False
         self.scale = hidden_size**0.5 if input_scale is None else float(input_scale)
         self.item_embedding = nn.Embedding(n_items, hidden_size, padding_idx=0) if n_items else None
         self.position_embedding = nn.Embedding(max_len, hidden_size, padding_idx=position_padding_idx)
@@ -417,22 +424,28 @@ class PublicSASRecEncoder(nn.Module):
                 max=self.max_len - 1)
         if item_emb is None:
             item_emb = self.item_embedding(item_seq)
-        x = self.dropout(item_emb * self.scale + self.position_embedding(positions)) * keep
-        n_pad = (self.max_len - n).to(x.dtype)
+        n_pad = (self.max_len - n).to(item_emb.dtype)
         blocks = list(zip(self.attention_layernorms, self.attention_layers, self.forward_layernorms,
                           self.forward_layers))
         idx = keep.view(-1).nonzero().squeeze(1) if self.pack_below > 0 else None  # (a device sync)
         if idx is not None and idx.numel() <= self.pack_below * B * W:
             # the slots that are zeroed (padding, the other domain's slots of a view) enter the
             # blocks only as keys b_k and values b_v and leave them as zeros: the per-slot layers
-            # run on the kept slots alone, with the dropout draws of the whole tensor
-            xk = x.reshape(B * W, -1).index_select(0, idx)
+            # run on the kept slots alone, with the dropout draws of the whole tensor (or, with
+            # kept_draws, of the kept slots alone)
+            if self.kept_draws:
+                xk = self.dropout(item_emb.reshape(B * W, -1).index_select(0, idx) * self.scale
+                                  + self.position_embedding(positions.reshape(-1).index_select(0, idx)))
+            else:
+                x = self.dropout(item_emb * self.scale + self.position_embedding(positions)) * keep
+                xk = x.reshape(B * W, -1).index_select(0, idx)
             for ln_a, attn, ln_f, ffn in blocks:
                 q = ln_a(xk)
                 xk = q + attn.packed(q, xk, idx, B, W, n_pad)
-                xk = ffn.rows(ln_f(xk), idx, B * W)
+                xk = ffn.rows(ln_f(xk), idx, B * W, whole_draws=not self.kept_draws)
             ln = self.last_layernorm  # a zeroed slot's output: LayerNorm(0) = its bias
             return ln.bias.expand(B * W, -1).index_copy(0, idx, ln(xk)).view(B, W, -1)
+        x = self.dropout(item_emb * self.scale + self.position_embedding(positions)) * keep
         for ln_a, attn, ln_f, ffn in blocks:
             q = ln_a(x)
             x = q + attn(q, x, n_pad)

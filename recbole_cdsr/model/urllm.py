@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbole_cdsr.model.c2dsr import C2DSR, ParamFreeGCN, _row_normalised
+from recbole_cdsr.model.c2dsr import C2DSR, ParamFreeGCN, RowLookup, _row_normalised, csr_parts
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = re.compile("[" + re.escape(string.punctuation + "\u2018\u2019\u00b4`") + "]")
@@ -94,6 +94,8 @@ class URLLM(C2DSR):
             raise ValueError("URLLM: no attribute word is held by two items of a domain; the titles give no graph")
         self.n_words = len(vocab)
         self.register_buffer("adj_att", attribute_graph(words, vocab), persistent=False)
+        for part, t in zip(("crow", "col", "val"), csr_parts(self.adj_att)):
+            self.register_buffer(f"adj_att_{part}", t, persistent=False)
         self.item_emb_att = nn.Embedding(self.n_items + self.n_words, self.attr_size, padding_idx=0)
         self.gcn_att = ParamFreeGCN(self.attr_size, config["c2dsr_gnn_layers"], config["dropout_prob"])
         # the item the LLM stage recommends to each (evaluation) user; 0: none. It is ranked
@@ -105,8 +107,18 @@ class URLLM(C2DSR):
     def token_width(self, config):
         return 2 * config["hidden_size"]
 
-    def tables(self):
-        return super().tables() + (self.gcn_att(self.item_emb_att.weight, self.adj_att),)
+    def tables(self, ids=None):
+        """C2DSR's three tables, then the propagated attribute table (items and words)."""
+        if ids is None:
+            return super().tables() + (self.gcn_att(self.item_emb_att.weight, self.adj_att),)
+        att = self.gcn_att.rows(self.item_emb_att.weight, self.graph("adj_att"), ids[3])
+        return super().tables(ids[:3]) + (RowLookup(att, ids[3], self.n_items + self.n_words),)
+
+    def table_ids(self, seq, corrupted=()):
+        """C2DSR's rows, and the attribute table at the mixed table's rows (every encoder's
+        tokens read it at their items)."""
+        ids = super().table_ids(seq, corrupted)
+        return ids + (ids[0],)
 
     def halves(self, k, seq, tables):
         """The item half and the attribute half [B, W, d] of encoder ``k``'s tokens."""
