@@ -264,6 +264,35 @@ def test_named_readme_markers_and_validation_curves(tmp_path, syn_data, capsys):
     assert "| GRU4Rec |" in readme.read_text()
 
 
+def test_validation_curves_one_line_per_model_with_a_seed_band(tmp_path):
+    """The curves picture draws per model the mean over seeds at each epoch and a band from
+    the lowest to the highest seed (by hand: three seeds, one of them stopped early); 20 rows
+    fit beside one legend that covers no panel."""
+    import matplotlib.image
+
+    from recbole_cdsr.benchmark.leaderboard import curve_bands, plot_valid_curves
+
+    runs = {1: [(0, 0.1), (1, 0.3), (2, 0.4)], 2: [(0, 0.2), (1, 0.5)], 3: [(0, 0.3), (1, 0.4), (2, 0.2)]}
+    got = curve_bands(runs)
+    assert [b[0] for b in got] == [0, 1, 2] and [(b[2], b[3]) for b in got] == [(0.1, 0.3), (0.3, 0.5), (0.2, 0.4)]
+    assert [round(b[1], 6) for b in got] == [0.2, 0.4, 0.3]
+
+    class Spec:
+        protocols, seeds = ["sampled", "full"], [1, 2, 3]
+
+    def line(name, seed, n):
+        hist = [{"epoch": e, "result": {"A/hit@10": 0.1 + 0.01 * e + 0.001 * seed, "B/hit@10": 0.2,
+                                        "full:A/hit@10": 0.05, "full:B/hit@10": 0.02 * seed}} for e in range(n)]
+        return {"model": "SASRec", "seed": seed, "valid_history": hist, "run_key": f"d/{name}/seed{seed}"}
+
+    by_name = {f"M{k}": [line(f"M{k}", s, 5 + k) for s in (1, 2, 3)] for k in range(20)}
+    png = plot_valid_curves(Spec, "tiny-cdsr", by_name, str(tmp_path / "curves.png"))
+    img = matplotlib.image.imread(png)
+    assert img.shape[1] > img.shape[0] > 500
+    legend = img[:, int(img.shape[1] * 0.82):, :3]  # the legend's column: text on white, no panel frame
+    assert (legend < 0.5).any() and legend.mean() > 0.9
+
+
 @pytest.mark.slow
 def test_leaderboard_means_stds_and_paired_test_match_a_hand_computation(tmp_path, syn_data):
     from scipy import stats

@@ -471,11 +471,13 @@ def to_csv(rows, fields=CSV_FIELDS):
     return out.getvalue()
 
 
-def _save_png(fig, path):
-    """Write a matplotlib figure to ``path`` as PNG (atomically) and close it."""
+def _save_png(fig, path, layout=True):
+    """Write a matplotlib figure to ``path`` as PNG (atomically) and close it (``layout``:
+    lay it out with ``tight_layout`` first)."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
@@ -541,9 +543,20 @@ def valid_curves(spec, by_name, metric="hit@10"):
     return out
 
 
+def curve_bands(runs):
+    """``[(epoch, mean, low, high), ...]``: per epoch, the mean, min and max over the runs
+    (``{seed: [(epoch, value), ...]}``) that evaluated at that epoch."""
+    at = {}
+    for pts in runs.values():
+        for epoch, value in pts:
+            at.setdefault(epoch, []).append(value)
+    return [(e, sum(v) / len(v), min(v), max(v)) for e, v in sorted(at.items())]
+
+
 def plot_valid_curves(spec, dataset, by_name, path, metric="hit@10"):
-    """Validation ``metric`` per epoch of every run: one panel per protocol and domain, a
-    colour per model, a line style per seed."""
+    """Validation ``metric`` per epoch: one panel per protocol and domain, one line per model
+    (the mean over its seeds at each epoch) with a band from the lowest to the highest seed,
+    and one legend for the figure, beside the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -556,26 +569,40 @@ def plot_valid_curves(spec, dataset, by_name, path, metric="hit@10"):
         return None
     domains = sorted({d for _, d in panels})
     fig, axes = plt.subplots(len(spec.protocols), len(domains), squeeze=False,
-                             figsize=(5.2 * len(domains), 3.4 * len(spec.protocols)))
+                             figsize=(6.0 * len(domains) + 3.2, 4.2 * len(spec.protocols)))
+    from recbole_cdsr.registry import PLUGIN_MODELS
+
     names = list(by_name)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = ["-", "--", ":", "-."]
-    seeds = list(spec.seeds)
+    palette = [plt.get_cmap("tab20")(k) for k in list(range(0, 20, 2)) + list(range(1, 20, 2))]
+    styles = ["-", "--", ":"]
+    handles = {}
     for i, protocol in enumerate(spec.protocols):
         for j, dom in enumerate(domains):
             ax = axes[i][j]
+            per_model = OrderedDict()
             for (name, seed), pts in (curves.get((protocol, dom)) or {}).items():
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, styles[seeds.index(seed) % len(styles)] if seed in seeds else "-",
-                        color=colours[names.index(name) % len(colours)], lw=1.3,
-                        label=name if len(seeds) == 1 else f"{name} (seed {seed})")
+                per_model.setdefault(name, {})[seed] = pts
+            for name, runs in per_model.items():
+                k = names.index(name)
+                colour, style = palette[k % len(palette)], styles[(k // len(palette)) % len(styles)]
+                plugin = by_name[name][0].get("model") in PLUGIN_MODELS
+                band = curve_bands(runs)
+                xs = [b[0] + 1 for b in band]  # epochs counted from 1, as the logs and tables
+                (line,) = ax.plot(xs, [b[1] for b in band], style, color=colour, lw=2.2 if plugin else 1.2)
+                if len(runs) > 1:
+                    ax.fill_between(xs, [b[2] for b in band], [b[3] for b in band], color=colour, alpha=0.12, lw=0)
+                handles.setdefault(name, line)
             named = f"{dom}: {labels[dom]}" if labels.get(dom, dom) != dom else dom
-            ax.set_title(f"{dataset}: validation {LABEL.get(metric, metric)}, domain {named} ({protocol})", fontsize=9)
-            ax.set_xlabel("epoch", fontsize=8)
+            ax.set_title(f"{dataset}, validation {LABEL.get(metric, metric)}, domain {named} ({protocol})", fontsize=10)
+            ax.set_xlabel("epoch", fontsize=9)
             ax.grid(alpha=0.3)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=7)
-    return _save_png(fig, path)
+    seeds = sorted({seed for c in curves.values() for _, seed in c})
+    right = 1.0 - 3.0 / fig.get_figwidth()  # the panels end here; the legend stands beside them
+    fig.tight_layout(rect=(0, 0, right, 1))
+    fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(right + 0.005, 0.5),
+               fontsize=9, frameon=False, title=f"mean over seeds {', '.join(map(str, seeds))}\n(band: lowest to highest;\nthick: the plugin's rows)",
+               title_fontsize=8)
+    return _save_png(fig, path, layout=False)
 
 
 def write_leaderboards(spec, runs, lines, out_dir=None):
