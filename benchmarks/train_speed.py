@@ -69,6 +69,15 @@ def build(model, args, **over):
         cfg["train_batch_size"] = args.batch_size
     cfg.update(over)
     config = CDSRConfig(model, args.dataset, config_dict=cfg)
+    from recbole_cdsr.quick_start import stages_lock
+    from recbole_cdsr.registry import get_stages
+
+    prepare = get_stages(model)
+    if prepare is not None and model != "LLMCDSR" and not os.environ.get("TRAIN_SPEED_NO_STAGES"):  # LeCDSR's cached text tables (built once per dataset)
+        with stages_lock(config):
+            updates, _ = prepare(config)
+        for k, v in updates.items():
+            config[k] = v
     ds, train, valid, test, net = build_data_and_model(config)
     if model == "S3Rec":  # fine-tuning steps, as S3Rec's run trains after pre-training
         from recbole_cdsr.trainer.s3rec import S3RecCDSRTrainer

@@ -545,3 +545,40 @@ def test_the_after_training_stage_runs_under_the_stages_lock(tmp_path, monkeypat
     assert out["results"]["after_training"] == {"stage": "ran"}
     assert not os.path.exists(lock_path)
     FileLock(lock_path).acquire().release()  # let go: the next run takes it at once
+
+
+def test_fast_path_equals_the_old_path_on_real_food_kitchen_rows(tmp_path, slice_data):
+    """fast_layers: the candidates' scores as one batched product with a sparse table
+    gradient, the FFTs over the [B, d, L] view: the same loss, gradients and scores as the
+    path before them, on real Food-Kitchen rows (the same negatives)."""
+    def build(tmp, **kw):
+        cfg = CDSRConfig("LeCDSR", "fk-slice", config_dict=base_config(tmp, data_path=slice_data, **dict(SMALL, **kw)))
+        for k, v in prepare_lecdsr(cfg)[0].items():
+            cfg[k] = v
+        init_seed(cfg["seed"], True)
+        ds = create_cdsr_dataset(cfg, cfg.model_class)
+        loaders = cdsr_data_preparation(cfg, ds)
+        return loaders, LeCDSR(cfg, loaders[0].dataset)
+
+    (train, _, test), old = build(str(tmp_path / "old"), fast_layers=False)
+    _, new = build(str(tmp_path / "new"))
+    assert new.fast and not old.fast
+    new.load_state_dict(old.state_dict())
+    batch = next(iter(train))
+    neg = old.sample_negatives(batch["item_id"], 7)
+    losses, grads = [], []
+    for net in (old, new):
+        net.train()
+        loss = net.calculate_loss(batch, neg=neg)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in net.named_parameters() if p.grad is not None})
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5) and losses[0] > 0
+    assert set(grads[0]) == set(grads[1]) and grads[1]["out_embedding.weight"].abs().sum() > 0
+    for name, g in grads[0].items():
+        assert torch.allclose(grads[1][name], g, rtol=1e-4, atol=1e-6), name
+    rows = test.dataset.inter_feat[:32]
+    with torch.no_grad():
+        old.eval()
+        new.eval()
+        assert torch.allclose(old.full_sort_predict(rows), new.full_sort_predict(rows), atol=1e-5)

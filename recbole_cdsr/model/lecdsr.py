@@ -67,6 +67,33 @@ from recbole.utils import InputType
 from recbole_cdsr.model.layers import unique_padded
 
 
+class _GatheredScores(torch.autograd.Function):
+    """``scores[b, j] = table[items[b, j]] . rep[b]`` [B, n] as one batched product; backward
+    gives the table its gradient as one sparse [rows, B] x [B, d] product (every (b, j) adds
+    ``grad[b, j] rep[b]`` to row ``items[b, j]``), without the [B, n, d] outer product that
+    autograd would build first."""
+
+    @staticmethod
+    def forward(ctx, table, items, rep):
+        w = table[items]  # [B, n, d]
+        ctx.save_for_backward(w, items, rep)
+        ctx.rows = table.shape[0]
+        return torch.bmm(w, rep.unsqueeze(2)).squeeze(2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, items, rep = ctx.saved_tensors
+        grad_rep = torch.bmm(grad.unsqueeze(1), w).squeeze(1) if ctx.needs_input_grad[2] else None
+        grad_table = None
+        if ctx.needs_input_grad[0]:
+            B, n = items.shape
+            cols = torch.arange(B, device=items.device).repeat_interleave(n)
+            spread = torch.sparse_coo_tensor(torch.stack([items.reshape(-1), cols]), grad.reshape(-1),
+                                             (ctx.rows, B), check_invariants=False)
+            grad_table = torch.sparse.mm(spread, rep)
+        return grad_table, None, grad_rep
+
+
 class TextAdapter(nn.Module):
     """Linear(d_in, inner) -> LayerNorm -> GELU -> Linear(inner, d_out) (LayerNorm's eps:
     PyTorch's default, as the public code)."""
@@ -120,6 +147,10 @@ class LeCDSR(SequentialRecommender):
         self.init_scheme = config["lecdsr_init"]
         self.user_vector = "profile" if self.use_profiles else config["lecdsr_user_vector"]
         self.row_bucket = config["lecdsr_row_bucket"]  # distinct items of a batch padded to a multiple (forward)
+        # fast_layers: the candidates' scores as one batched matrix product (no [B, n, d]
+        # product tensor forward and backward: ~3x cheaper) and the fused AdamW of the trainer;
+        # False: the elementwise product and sum, as before (the same values to rounding)
+        self.fast = config["fast_layers"] is not False
         std = config["embedding_init_std"] or 1.0 / d
 
         # the public model's constructor ("normal"); "xavier" re-initialises on top of it
@@ -232,8 +263,16 @@ class LeCDSR(SequentialRecommender):
         L = seq.shape[1]
         m = real.unsqueeze(-1).float()
         E = self.item_embedding(seq) * m
-        spec = torch.fft.rfft(E, dim=1, norm="ortho")
-        item_conv = torch.fft.irfft(spec * torch.view_as_complex(self.filter), n=L, dim=1, norm="ortho")
+        # the FFTs run along the sequence axis; on the fast path over a [B, d, L] view of the
+        # same tensors (the transform axis last: fewer layout copies, the same transforms)
+        seq_dim = -1 if self.fast else 1
+
+        def along(x):
+            return x.transpose(1, 2) if self.fast else x
+
+        filt = torch.view_as_complex(self.filter)
+        spec = torch.fft.rfft(along(E), dim=seq_dim, norm="ortho")
+        item_conv = along(torch.fft.irfft(spec * along(filt.unsqueeze(0)), n=L, dim=seq_dim, norm="ortho"))
         c = item_conv * torch.sigmoid(self.item_conv_gate(item_conv))
         T = None
         if self.use_item_text:
@@ -242,7 +281,8 @@ class LeCDSR(SequentialRecommender):
             # stays small (see unique_padded)
             uniq, inv = unique_padded(seq, self.row_bucket)
             T = self.item_adapter(self.item_text[uniq])[inv] * m
-            fusion_conv = torch.fft.irfft(spec * torch.fft.rfft(T, dim=1, norm="ortho"), n=L, dim=1, norm="ortho")
+            fusion_conv = along(torch.fft.irfft(spec * torch.fft.rfft(along(T), dim=seq_dim, norm="ortho"), n=L,
+                                                dim=seq_dim, norm="ortho"))
             c = c + fusion_conv * torch.sigmoid(self.fusion_conv_gate(fusion_conv))
         c = c * m
         u = self._user_vector(interaction, seq.shape[0], seq.device)
@@ -263,8 +303,10 @@ class LeCDSR(SequentialRecommender):
 
     def score(self, rep, items):
         """Scores of ``items`` (any shape [B, ...]) for representations ``rep`` [B, d]."""
-        w = self.out_embedding(items)
         b = self.out_bias(items).squeeze(-1)
+        if self.fast and items.dim() == 2:
+            return _GatheredScores.apply(self.out_embedding.weight, items, rep) + b
+        w = self.out_embedding(items)
         shape = (rep.shape[0],) + (1,) * (items.dim() - 1) + (rep.shape[1],)
         return (w * rep.view(shape)).sum(-1) + b
 
