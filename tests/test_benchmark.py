@@ -790,27 +790,42 @@ def test_equal_epoch_rows_and_section_by_hand(tmp_path):
     assert float(first["mean"]) == pytest.approx(0.4) and first["epochs"] == "3" and first["best"] == "False"
 
 
+#: rows of the converged board that are being trained again to early stopping (issue: the
+#: cross-domain rows): their runs may still be missing from the committed results
+RETRAINED_ROWS = {"C2DSR": 100}
+#: the code versions the converged board's runs come from (benchmarks/README.md names them):
+#: the first 19 runs, the rest of the first 51, SASRec-overlap, the retrained C2DSR
+BOARD_CODE = {"687dcf3bf7e7", "7340d3f7267a", "bdc6f7acadf4", "c6c773f304f5"}
+
+
 def test_committed_converged_benchmark_caps_only_the_expensive_rows():
     """benchmarks/food-kitchen-converged.yaml: every row to early stopping under a cap of 300
-    epochs, except the six rows too costly for the CPU, capped at the equal-epoch window of 10
-    epochs, and URLLM-DG, which trains its public code's 15 epochs."""
+    epochs, except the rows too costly for the CPU, capped at the equal-epoch window of 10
+    epochs, URLLM-DG at its public 15 epochs, and C2DSR at its public code's 100 epochs,
+    validated every epoch; the control row SASRec-overlap trains on the overlapped users."""
     from recbole_cdsr.benchmark.plan import run_config
 
     here = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
     spec = load_benchmark(os.path.join(here, "food-kitchen-converged.yaml"))
-    assert spec.equal_epochs == 10 and len(spec.models) == 17 and spec.seeds == [2020, 2021, 2022]
-    caps = {m.name: run_config(spec, m, spec.budget)["epochs"] for m in spec.models}
-    capped = {"Caser", "NextItNet", "LightSANs", "FEARec", "C2DSR", "LeCDSR"}
-    assert {n for n, c in caps.items() if c != 300} == capped | {"URLLM-DG"}
+    assert spec.equal_epochs == 10 and len(spec.models) == 18 and spec.seeds == [2020, 2021, 2022]
+    configs = {m.name: run_config(spec, m, spec.budget) for m in spec.models}
+    caps = {n: c["epochs"] for n, c in configs.items()}
+    capped = {"Caser", "NextItNet", "LightSANs", "FEARec", "LeCDSR"}
+    assert {n for n, c in caps.items() if c != 300} == capped | {"URLLM-DG", "C2DSR"}
     assert {caps[n] for n in capped} == {spec.equal_epochs} and caps["URLLM-DG"] == 15
+    assert caps["C2DSR"] == 100 and configs["C2DSR"]["eval_step"] == 1
+    assert configs["SASRec-overlap"]["train_min_items_per_domain"] == 2
+    assert "train_min_items_per_domain" not in configs["SASRec"]
     assert spec.config["stopping_step"] == 10
 
 
 def test_converged_leaderboard_is_the_committed_runs_of_the_converged_benchmark_file(fk_data):
     """The committed converged board (leaderboard Markdown, README tables, equal-epoch
     section) is what its results.jsonl gives for the planned runs (recomputed here, nothing
-    written); all 51 runs are in, record why they stopped and come from the two code versions
-    that benchmarks/README.md names (e7d30e5's sources, then ab7ebc1's for the later runs)."""
+    written); every row is complete but those being trained again, every finished run
+    records why it stopped, and the runs come from the code versions that
+    benchmarks/README.md names. Lines of a row's earlier config (C2DSR capped at 10 epochs)
+    stay in the file, unplanned."""
     from recbole_cdsr.benchmark.leaderboard import (
         code_versions, equal_epoch_rows, readme_block, readme_markers, select_lines, summarize, to_markdown,
     )
@@ -823,16 +838,24 @@ def test_converged_leaderboard_is_the_committed_runs_of_the_converged_benchmark_
     found, missing = select_lines(runs, lines)
     by_name = found["food-kitchen"]
     ok = [ln for ln in lines if ln["status"] == "ok"]
-    assert sum(len(v) for v in by_name.values()) == len(ok)  # every finished committed run is a planned run
+    planned = {(r["run_key"], r["config_hash"]) for r in runs}
+    unplanned = [ln for ln in ok if (ln["run_key"], ln["config_hash"]) not in planned]
+    assert sum(len(v) for v in by_name.values()) + len(unplanned) == len(ok)
+    assert {ln["name"] for ln in unplanned} <= set(RETRAINED_ROWS)  # superseded configs of retrained rows only
     code = code_versions(by_name)
-    assert set(code) <= {"687dcf3bf7e7", "7340d3f7267a"} and len(code["687dcf3bf7e7"]) == 19
+    assert set(code) <= BOARD_CODE and len(code["687dcf3bf7e7"]) == 16  # the first 19, less the superseded C2DSR runs
     assert all(ln["timing"]["stop_reason"] in ("early_stopping", "epoch_cap") for ln in ok)
-    # complete: 17 rows x 3 seeds; the rows the file caps (and URLLM-DG's public 15 epochs)
-    # stopped at their cap, every other row by early stopping
-    assert missing == {} and len(ok) == 51 and len(by_name) == 17 and all(len(v) == 3 for v in by_name.values())
-    capped = {"Caser": 10, "NextItNet": 10, "LightSANs": 10, "FEARec": 10, "C2DSR": 10, "LeCDSR": 10, "URLLM-DG": 15}
+    assert set(missing.get("food-kitchen") or {}) <= set(RETRAINED_ROWS)
+    for entry in spec.models:
+        if entry.name not in RETRAINED_ROWS:
+            assert len(by_name[entry.name]) == 3, entry.name
+    capped = {"Caser": 10, "NextItNet": 10, "LightSANs": 10, "FEARec": 10, "LeCDSR": 10, "URLLM-DG": 15}
     for name, lns in by_name.items():
         stops = {(ln["timing"]["stop_reason"], ln["timing"]["epochs_trained"] if name in capped else None) for ln in lns}
+        if name in RETRAINED_ROWS:  # early stopping, or the row's cap
+            assert all(s == ("early_stopping", None) or (s[0] == "epoch_cap" and
+                       all(ln["timing"]["epochs_trained"] == RETRAINED_ROWS[name] for ln in lns)) for s in stops), name
+            continue
         assert stops == ({("epoch_cap", capped[name])} if name in capped else {("early_stopping", None)}), (name, stops)
     rows = summarize(spec, "food-kitchen", by_name)
     equal = equal_epoch_rows(spec, "food-kitchen", by_name, spec.equal_epochs)
