@@ -67,13 +67,14 @@ def build(model, args, **over):
     }
     if args.batch_size:
         cfg["train_batch_size"] = args.batch_size
+    cfg.update(getattr(args, "overrides", {}))
     cfg.update(over)
     config = CDSRConfig(model, args.dataset, config_dict=cfg)
     from recbole_cdsr.quick_start import stages_lock
     from recbole_cdsr.registry import get_stages
 
     prepare = get_stages(model)
-    if prepare is not None and model != "LLMCDSR" and not os.environ.get("TRAIN_SPEED_NO_STAGES"):  # LeCDSR's cached text tables (built once per dataset)
+    if prepare is not None and model != "LLMCDSR":  # LeCDSR's cached text tables (built once per dataset)
         with stages_lock(config):
             updates, _ = prepare(config)
         for k, v in updates.items():
@@ -240,6 +241,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--use_gpu", action="store_true")
     ap.add_argument("--no_eval", action="store_true")
+    ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config key for every model measured (YAML value), e.g. lecdsr_use_profiles=False; repeatable")
     ap.add_argument("--_head", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._head:
@@ -256,6 +259,17 @@ def main():
         return 0
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
+    import yaml
+
+    args.overrides = {}
+    for item in args.config:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            ap.error(f"--config {item!r}: expected KEY=VALUE")
+        try:
+            args.overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            ap.error(f"--config {item!r}: the value is not YAML ({e})")
     if args.threads:
         torch.set_num_threads(args.threads)
     from recbole_cdsr.utils import tune_cpu_allocator
@@ -308,6 +322,8 @@ def print_table(rows):
 
 
 PLUGIN_MODELS = ("C2DSR", "URLLM", "LeCDSR")
+#: where the fused heads of a plugin model are called from (timed as the ``head`` row)
+HEAD_MODULES = {"C2DSR": "recbole_cdsr.model.c2dsr", "URLLM": "recbole_cdsr.model.c2dsr"}
 
 
 def measure_plugin_model(model, args):
@@ -317,9 +333,7 @@ def measure_plugin_model(model, args):
     paths = [TimedPath("old", build(model, args, fast_layers=False, fused_loss=False)),
              TimedPath("fast", build(model, args))]
     fast = paths[1]
-    mod = importlib.import_module(type(fast.net).__module__)
-    if not hasattr(mod, "linear_cross_entropy"):  # URLLM's module imports its heads from C2DSR's
-        mod = importlib.import_module("recbole_cdsr.model.c2dsr")
+    mod = importlib.import_module(HEAD_MODULES[model]) if model in HEAD_MODULES else None
     head = {"seconds": 0.0, "on": False}
     inner = getattr(mod, "linear_cross_entropy", None)
     if inner is not None:

@@ -461,20 +461,23 @@ def test_train_speed_script_prints_its_ratios(model_env, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     argv = sys.argv
-    sys.argv = [path, "--data_path", data, "--dataset", "fk-slice", "--models", "SASRec,Caser",
-                "--steps", "1", "--warmup", "1", "--batch_size", "256", "--threads", "1"]
+    sys.argv = [path, "--data_path", data, "--dataset", "fk-slice", "--models", "SASRec,Caser,C2DSR",
+                "--steps", "1", "--warmup", "1", "--batch_size", "256", "--threads", "1", "--config", "eval_neg_num=20"]
     try:
         assert mod.main() == 0
     finally:
         sys.argv = argv
     out = capsys.readouterr().out
-    for line in ("ratio SASRec prefix", "ratio SASRec sequence", "ratio SASRec eval", "ratio Caser prefix"):
+    for line in ("ratio SASRec prefix", "ratio SASRec sequence", "ratio SASRec eval", "ratio Caser prefix",
+                 "ratio C2DSR fast"):
         m = re.search(rf"^{line} (\d+\.\d\d)$", out, re.M)
         assert m and float(m.group(1)) > 0, line
     assert "ratio Caser sequence" not in out  # no whole-sequence path
     assert re.search(r"^memory SASRec loss head peak RSS \d+ MB, fused \d+ MB", out, re.M)
     assert re.search(r"^SASRec\s+sequence .*sequence_fused_ce, trimmed$", out, re.M)
     assert re.search(r"^Caser\s+prefix .*fused_ce, padded$", out, re.M)
+    assert re.search(r"^C2DSR\s+old .*calculate_loss$", out, re.M)  # the path before its cheaper steps
+    assert re.search(r"^C2DSR\s+head .*fused heads alone: \d+% of a fast step$", out, re.M)
 
 
 def test_linear_cross_entropy_with_an_extra_logit_equals_full_logits():
