@@ -572,9 +572,18 @@ def plot_valid_curves(spec, dataset, by_name, path, metric="hit@10"):
                              figsize=(6.0 * len(domains) + 3.2, 4.2 * len(spec.protocols)))
     from recbole_cdsr.registry import PLUGIN_MODELS
 
-    names = list(by_name)
-    palette = [plt.get_cmap("tab20")(k) for k in list(range(0, 20, 2)) + list(range(1, 20, 2))]
+    # the plugin's rows thick in dark colours of their own, the others thin in tab20's
+    plugin = [n for n in by_name if by_name[n] and by_name[n][0].get("model") in PLUGIN_MODELS]
+    others = [n for n in by_name if n not in plugin]
+    dark = ["#000000", "#7b1fa2", "#e65100", "#0d47a1", "#1b5e20", "#880e4f", "#5d4037", "#455a64"]
+    light = [plt.get_cmap("tab20")(k) for k in list(range(0, 20, 2)) + list(range(1, 20, 2))]
     styles = ["-", "--", ":"]
+
+    def look(name):
+        group, colours = (plugin, dark) if name in plugin else (others, light)
+        k = group.index(name)
+        return colours[k % len(colours)], styles[(k // len(colours)) % len(styles)], 2.2 if name in plugin else 1.2
+
     handles = {}
     for i, protocol in enumerate(spec.protocols):
         for j, dom in enumerate(domains):
@@ -583,12 +592,10 @@ def plot_valid_curves(spec, dataset, by_name, path, metric="hit@10"):
             for (name, seed), pts in (curves.get((protocol, dom)) or {}).items():
                 per_model.setdefault(name, {})[seed] = pts
             for name, runs in per_model.items():
-                k = names.index(name)
-                colour, style = palette[k % len(palette)], styles[(k // len(palette)) % len(styles)]
-                plugin = by_name[name][0].get("model") in PLUGIN_MODELS
+                colour, style, width = look(name)
                 band = curve_bands(runs)
                 xs = [b[0] + 1 for b in band]  # epochs counted from 1, as the logs and tables
-                (line,) = ax.plot(xs, [b[1] for b in band], style, color=colour, lw=2.2 if plugin else 1.2)
+                (line,) = ax.plot(xs, [b[1] for b in band], style, color=colour, lw=width)
                 if len(runs) > 1:
                     ax.fill_between(xs, [b[2] for b in band], [b[3] for b in band], color=colour, alpha=0.12, lw=0)
                 handles.setdefault(name, line)
@@ -599,7 +606,8 @@ def plot_valid_curves(spec, dataset, by_name, path, metric="hit@10"):
     seeds = sorted({seed for c in curves.values() for _, seed in c})
     right = 1.0 - 3.0 / fig.get_figwidth()  # the panels end here; the legend stands beside them
     fig.tight_layout(rect=(0, 0, right, 1))
-    fig.legend(list(handles.values()), list(handles), loc="center left", bbox_to_anchor=(right + 0.005, 0.5),
+    order = [n for n in by_name if n in handles]
+    fig.legend([handles[n] for n in order], order, loc="center left", bbox_to_anchor=(right + 0.005, 0.5),
                fontsize=9, frameon=False, title=f"mean over seeds {', '.join(map(str, seeds))}\n(band: lowest to highest;\nthick: the plugin's rows)",
                title_fontsize=8)
     return _save_png(fig, path, layout=False)
