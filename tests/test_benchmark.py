@@ -246,6 +246,10 @@ def test_named_readme_markers_and_validation_curves(tmp_path, syn_data, capsys):
     assert new.startswith("<!-- leaderboard:tiny-cdsr:start -->\nmain table\n") and "\nold\n" not in new
     assert "| GRU4Rec |" in new.split("<!-- leaderboard:head/tiny-cdsr:start -->")[1]
     line = read_lines(out["results_file"])[0]
+    # no path of this machine in the line: the results file relative to the output folder,
+    # the dataset folder relative to the data folder
+    assert line["results_file"].startswith("runs" + os.sep) and (tmp_path / "out" / line["results_file"]).is_file()
+    assert line["config"]["data_path"] == "tiny-cdsr" and line["config"]["checkpoint_dir"] == "checkpoints"
     hist = line["valid_history"]
     assert [h["epoch"] for h in hist] == [0, 1, 2]
     # while it ran, the run said where it stood after every validation
@@ -262,6 +266,35 @@ def test_named_readme_markers_and_validation_curves(tmp_path, syn_data, capsys):
     readme.write_text("<!-- leaderboard:tiny-cdsr:start -->\nx\n<!-- leaderboard:tiny-cdsr:end -->\n")
     run_benchmark(path)  # no named markers: the dataset's own markers, as before
     assert "| GRU4Rec |" in readme.read_text()
+
+
+def test_portable_paths_by_hand_and_in_the_committed_results():
+    """Paths inside the output or data folder become relative to it, at any depth; other
+    strings stay; no committed results.jsonl holds an absolute path."""
+    import glob
+
+    from recbole_cdsr.benchmark.store import portable_paths
+
+    line = {"results_file": "/m/out/runs/a.json", "note": "/elsewhere/x", "rel": "runs/b",
+            "config": {"data_path": "/m/data/fk", "checkpoint_dir": "/m/out/checkpoints", "k": 3},
+            "stages": {"files": ["/m/data/fk/fk.npz", "/m/outside"]}}
+    got = portable_paths(line, "/m/out", "/m/data")
+    assert got == {"results_file": "runs/a.json", "note": "/elsewhere/x", "rel": "runs/b",
+                   "config": {"data_path": "fk", "checkpoint_dir": "checkpoints", "k": 3},
+                   "stages": {"files": ["fk/fk.npz", "/m/outside"]}}
+    assert line["results_file"] == "/m/out/runs/a.json"  # the input is left as it was
+    here = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "results")
+    files = glob.glob(os.path.join(here, "*", "results.jsonl"))
+    assert len(files) >= 3
+    for f in files:
+        for ln in read_lines(f):
+            def walk(x):
+                if isinstance(x, dict):
+                    return [s for v in x.values() for s in walk(v)]
+                if isinstance(x, list):
+                    return [s for v in x for s in walk(v)]
+                return [x] if isinstance(x, str) and x.startswith(("/work", "/tmp", "/root", "/home")) else []
+            assert walk({k: v for k, v in ln.items() if k != "traceback"}) == [], (f, ln.get("run_key"))
 
 
 def test_validation_curves_one_line_per_model_with_a_seed_band(tmp_path):

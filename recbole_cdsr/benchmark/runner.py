@@ -34,7 +34,7 @@ from recbole_cdsr.benchmark.leaderboard import write_leaderboards
 from recbole_cdsr.benchmark.plan import calibrate_budgets, plan_runs, prepare_datasets
 from recbole_cdsr.benchmark.spec import BenchmarkError, BenchmarkSpec, load_benchmark
 from recbole_cdsr.benchmark.store import (
-    RESULTS_FILE, OutputLock, ResultsStore, failed_line, finished_keys, run_fields,
+    RESULTS_FILE, OutputLock, ResultsStore, failed_line, finished_keys, portable_paths, run_fields,
 )
 
 
@@ -63,7 +63,7 @@ def execute_run(run):
     seconds = time() - t0
     line.update(run_fields(run), wall_seconds=seconds,
                 finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    return line
+    return portable_paths(line, run["output_dir"], run["config"].get("data_path"))
 
 
 class Progress:

@@ -8,6 +8,11 @@ that raised, or whose process died, has a ``failed`` line with its ``error`` (an
 traceback) instead of results. Lines are only appended; deleting a line reruns exactly
 that run, and a run counts as finished when a line with its key and hash says ``ok``.
 
+Paths in a line are this machine's no more (:func:`portable_paths`): a file of the output
+folder is written relative to that folder (``runs/...json``, ``checkpoints``), a file of the
+data folder relative to it (``food-kitchen``, ``food-kitchen/food-kitchen.itemtext-...npz``),
+so committed results name no machine's folders.
+
 One output folder has one writer: an invocation holds a lock on ``<output_dir>/.lock`` from
 start to end, and a second invocation on the same folder stops at once, naming the first's
 process. The lock is the operating system's (``flock``), so a killed process leaves none.
@@ -23,6 +28,26 @@ from recbole_cdsr.utils import code_fingerprint
 
 LOCK_FILE = ".lock"
 RESULTS_FILE = "results.jsonl"
+
+
+def portable_paths(line, output_dir, data_root):
+    """``line`` with every string that is a path inside ``output_dir`` or ``data_root``
+    (absolute) written relative to that folder, at any depth (results file, config folders,
+    stage artefacts). Other strings, relative paths included, stay as they are."""
+    roots = [os.path.abspath(r) for r in (output_dir, data_root) if r]
+
+    def rel(value):
+        if isinstance(value, dict):
+            return {k: rel(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rel(v) for v in value]
+        if isinstance(value, str) and os.path.isabs(value):
+            for root in roots:
+                if value == root or value.startswith(root + os.sep):
+                    return os.path.relpath(value, root)
+        return value
+
+    return rel(line)
 
 
 class OutputLock:
