@@ -47,33 +47,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:
                 logits = weight @ h.t()
             top = logits.amax(0)
-            if extra is None:
-                is_extra = None
-                logits -= top
-                picked = logits[t, cols]
-                p = logits.exp_()
-                z = p.sum(0)
-            else:
-                e = extra[s : s + chunk]
+            e = None if extra is None else extra[s : s + chunk]
+            if e is not None:
                 top = torch.maximum(top, e)
-                logits -= top
                 e = e - top
+            logits -= top
+            picked = logits[t if e is None else t.clamp(max=V - 1), cols]  # class V: the extra logit
+            inside = cols
+            if e is not None:
                 is_extra = t == V
-                picked = torch.where(is_extra, e, logits[t.clamp(max=V - 1), cols])
-                p = logits.exp_()
+                picked = torch.where(is_extra, e, picked)
+                inside = (~is_extra).nonzero().squeeze(1)
+            p = logits.exp_()
+            z = p.sum(0)
+            if e is not None:
                 pe = e.exp()
-                z = p.sum(0) + pe
+                z = z + pe
             total += (z.log() - picked).sum().double()
             if not want_any:
                 continue
             p /= z  # softmax, in place
-            if is_extra is None:
-                p[t, cols] -= 1.0  # d(sum of losses)/d logits
-            else:
-                inside = (~is_extra).nonzero().squeeze(1)
-                p[t[inside], inside] -= 1.0
-                if grad_e is not None:
-                    grad_e[s : s + chunk] = pe / z - is_extra.to(pe.dtype)
+            p[t[inside], inside] -= 1.0  # d(sum of losses)/d logits (the extra class: below)
+            if grad_e is not None:
+                grad_e[s : s + chunk] = pe / z - is_extra.to(pe.dtype)
             if want_h:
                 grad_h[s : s + chunk] = p.t() @ weight
             if want_w:
